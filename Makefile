@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-slow demo bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Fast CPU suite (CI runs this).
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+## Longer checks, kept out of CI.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+## Generate SynthSkill, prep it, train and evaluate under 4-fold CV.
+demo: $(STAMP)
+	$(PY) -m surgfusion_jax.demo
+
+## Benchmarks (JSON on stdout).
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/prep.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
