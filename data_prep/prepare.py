@@ -1,0 +1,321 @@
+"""The prep stage: videos -> per-segment I3D features -> TFDS feature dataset (SPEC §1).
+
+Usage:
+  python -m data_prep.prepare --manifest=<csv> --data_dir=<dir> --name=<dataset> \
+      [--image_size=224] [--modalities=rgb,flow,mask] [--score_min=..] [--score_max=..]
+  python -m data_prep.prepare --jigsaws_root=<dir> --task=Suturing --data_dir=<dir> \
+      [--capture=1] [--mask_root=<dir>]         # name defaults to jigsaws_<task, lower case>
+
+Python: `prepare_manifest(...)` and `prepare_jigsaws(...)` (used by the CLI and the demo)
+return a `PrepResult`.
+
+Behaviour:
+* Inputs are validated up front (manifest/meta file: duplicates, missing columns,
+  non-numeric or out-of-scale scores, missing masks) -> one PrepError, nothing processed.
+* Videos are processed independently; a failing one (unreadable, corrupt, too short,
+  mask/video frame-count mismatch) is recorded with its file and reason and the others go
+  on. The dataset is then written from the samples that succeeded (the failed ones are
+  listed in the metadata under `failed`), and the CLI exits with status 1 and a summary.
+* Per-video features are cached atomically under `<data_dir>/.cache/<name>/` (see
+  `cache.py`); a re-run (e.g. after an interruption) reuses them. The dataset itself is
+  written atomically by `surgfusion_jax.feature_dataset.write_feature_dataset`, so an
+  interrupted run never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from data_prep import cache as cache_lib
+from data_prep.common import (ALL_MODALITIES, DEFAULT_IMAGE_SIZE, FPS, PREP_VERSION,
+                              SEGMENT_LENGTH, PrepError, SampleSpec, parse_modalities)
+from data_prep.flow import DEFAULT_FLOW_BOUND, FARNEBACK_PARAMS, FIRST_FRAME_RULE
+from data_prep.jigsaws import GRS_MAX, GRS_MIN, jigsaws_samples
+from data_prep.manifest import read_manifest
+from data_prep.pipeline import StageTimes, extract_sample
+
+FEATURE_DIM = 1024
+
+
+@dataclasses.dataclass
+class Failure:
+    video_id: str
+    file: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PrepResult:
+    """Outcome of one prep run. `ok` is False when any sample failed."""
+
+    name: str
+    dataset_path: Optional[str]
+    num_samples: int
+    computed: list[str]
+    cached: list[str]
+    failures: list[Failure]
+    times: StageTimes
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.dataset_path is not None
+
+    def summary(self) -> str:
+        r = self.times.rates()
+        lines = [f"dataset {self.name!r}: {self.num_samples} sample(s) written to "
+                 f"{self.dataset_path}" if self.dataset_path else
+                 f"dataset {self.name!r}: NOT written (no sample succeeded)",
+                 f"  {len(self.computed)} computed, {len(self.cached)} reused from the cache, "
+                 f"{len(self.failures)} failed; {self.wall_s:.1f} s",
+                 f"  throughput: {r['frames']} frames (10 FPS) - decode {r['decode_fps']} "
+                 f"frames/s, flow {r['flow_fps']} frames/s, features {r['features_fps']} "
+                 f"frames/s, all stages {r['stages_fps']} frames/s"]
+        if self.failures:
+            lines.append(f"  FAILED ({len(self.failures)}):")
+            lines += [f"    {f.video_id} ({f.file}): {f.reason}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def make_extractor(image_size: int, batch_size: int, flow_mode: Optional[str] = None):
+    """The default backbone: I3D Kinetics-400 from `data_prep.extractor`."""
+    from data_prep.extractor import I3DFeatureExtractor
+    kwargs = dict(image_size=image_size, batch_size=batch_size)
+    if flow_mode is not None:
+        kwargs["flow_mode"] = flow_mode
+    return I3DFeatureExtractor(**kwargs)
+
+
+def extractor_identity(extractor: Any) -> dict:
+    """What identifies the extractor's features (part of the cache key and the metadata):
+    its class and `metadata()` when it has one (backbone, flow_mode, dtype, ...)."""
+    cls = type(extractor)
+    meta = dict(extractor.metadata()) if hasattr(extractor, "metadata") else {}
+    meta.setdefault("backbone", getattr(extractor, "backbone", None) or cls.__name__)
+    meta.setdefault("flow_mode", getattr(extractor, "flow_mode", ""))
+    meta = {k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in meta.items()}
+    return dict(meta, cls=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _check_scale(score_min, score_max):
+    if score_min is not None and score_max is not None and score_min >= score_max:
+        raise PrepError(f"--score_min={score_min} must be below --score_max={score_max}.")
+
+
+def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, source: str,
+                    modalities: Sequence[str] = ALL_MODALITIES,
+                    image_size: int = DEFAULT_IMAGE_SIZE,
+                    score_min: Optional[float] = None, score_max: Optional[float] = None,
+                    flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
+                    flow_mode: Optional[str] = None, extractor: Any = None,
+                    use_cache: bool = True, progress: bool = True) -> PrepResult:
+    """Runs the pipeline over validated samples and writes the dataset `<data_dir>/<name>`."""
+    from surgfusion_jax.feature_dataset import write_feature_dataset
+
+    modalities = parse_modalities(modalities)
+    if image_size < 16:
+        raise PrepError(f"--image_size={image_size} is too small; use >= 16 (224 default).")
+    if flow_bound <= 0:
+        raise PrepError(f"--flow_bound={flow_bound} must be positive (pixels).")
+    if batch_size < 1:
+        raise PrepError(f"--batch_size={batch_size} must be >= 1.")
+    if extractor is None:
+        extractor = make_extractor(image_size, batch_size, flow_mode)
+    elif flow_mode is not None and getattr(extractor, "flow_mode", flow_mode) != flow_mode:
+        raise PrepError(f"--flow_mode={flow_mode} but the given extractor uses "
+                        f"{extractor.flow_mode!r}; fix: build the extractor with that mode.")
+    ext_size = getattr(extractor, "image_size", image_size)
+    if ext_size != image_size:
+        raise PrepError(f"the extractor was built for image_size={ext_size} but the run uses "
+                        f"image_size={image_size}; fix: build both with the same size.")
+    feature_dim = int(getattr(extractor, "feature_dim", FEATURE_DIM))
+    ident = extractor_identity(extractor)
+    settings = dict(prep_version=PREP_VERSION, fps=FPS, segment_length=SEGMENT_LENGTH,
+                    image_size=image_size, flow_bound=float(flow_bound),
+                    farneback=FARNEBACK_PARAMS, first_flow=FIRST_FRAME_RULE,
+                    modalities=list(modalities), extractor=ident)
+    cdir = cache_lib.cache_dir(data_dir, name)
+    if use_cache:
+        cache_lib.remove_temporaries(cdir)
+
+    t_start = time.perf_counter()
+    times = StageTimes()
+    results: dict[str, dict] = {}
+    computed, cached, failures = [], [], []
+    outer = tqdm(specs, desc=f"prep {name}", unit="video", disable=not progress)
+    inner = tqdm(total=None, unit="frame", leave=False, disable=not progress)
+    try:
+        for spec in outer:
+            outer.set_postfix_str(spec.video_id, refresh=False)
+            inner.set_description(spec.video_id)
+            try:
+                key = cache_lib.cache_key(spec, settings)
+                hit = cache_lib.load(cdir, spec.video_id, key, modalities) if use_cache else None
+                if hit is not None:
+                    results[spec.video_id] = hit
+                    cached.append(spec.video_id)
+                    continue
+                arrays = extract_sample(spec, extractor, modalities=modalities,
+                                        image_size=image_size, flow_bound=flow_bound,
+                                        batch_segments=batch_size, feature_dim=feature_dim,
+                                        times=times, progress=None if not progress else inner)
+                if use_cache:
+                    cache_lib.save(cdir, spec.video_id, key, arrays)
+                results[spec.video_id] = arrays
+                computed.append(spec.video_id)
+            except PrepError as e:
+                failures.append(Failure(spec.video_id, spec.video_path, str(e)))
+                logging.error("%s (%s): %s", spec.video_id, spec.origin or spec.video_path, e)
+            except Exception as e:  # noqa: BLE001 - one bad video must not stop the others
+                logging.debug("failure details", exc_info=True)
+                failures.append(Failure(spec.video_id, spec.video_path,
+                                        f"{type(e).__name__}: {e}"))
+                logging.error("%s (%s): %s: %s", spec.video_id, spec.video_path,
+                              type(e).__name__, e)
+    finally:
+        inner.close()
+        outer.close()
+
+    ok_specs = [s for s in specs if s.video_id in results]
+    path = None
+    if ok_specs:
+        scores = [s.score for s in specs]
+        metadata = dict(
+            backbone=ident["backbone"], fps=FPS, flow_bound=float(flow_bound),
+            segment_length=SEGMENT_LENGTH, image_size=image_size, prep_version=PREP_VERSION,
+            modalities=list(modalities), source=source,
+            score_min=float(score_min if score_min is not None else min(scores)),
+            score_max=float(score_max if score_max is not None else max(scores)),
+            flow_mode=ident["flow_mode"], flow_algorithm="farneback", farneback=FARNEBACK_PARAMS,
+            flow_first_frame=FIRST_FRAME_RULE, segment_tail="dropped",
+            resize="full frame to image_size x image_size, no crop",
+            extractor=ident, failed=sorted(f.video_id for f in failures))
+
+        def examples():
+            for s in ok_specs:
+                arrays = results[s.video_id]
+                yield dict(s.label_fields(), **{m: arrays[m] for m in modalities})
+
+        path = write_feature_dataset(data_dir, name, examples(), metadata,
+                                     feature_dim=feature_dim)
+    return PrepResult(name=name, dataset_path=path, num_samples=len(ok_specs),
+                      computed=computed, cached=cached, failures=failures, times=times,
+                      wall_s=time.perf_counter() - t_start)
+
+
+def prepare_manifest(manifest: str, data_dir: str, name: str, *,
+                     modalities: Sequence[str] | str = ALL_MODALITIES,
+                     image_size: int = DEFAULT_IMAGE_SIZE,
+                     score_min: Optional[float] = None, score_max: Optional[float] = None,
+                     flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
+                     flow_mode: Optional[str] = None, extractor: Any = None,
+                     use_cache: bool = True, progress: bool = True,
+                     source: str = "manifest") -> PrepResult:
+    """Prepares the samples of a CSV manifest (see `manifest.py` for the columns).
+
+    `source` is recorded in the metadata ('manifest'; the demo passes 'synthskill').
+    """
+    modalities = parse_modalities(modalities)
+    _check_scale(score_min, score_max)
+    if not name:
+        raise PrepError("--name is required with --manifest (the dataset name).")
+    specs = read_manifest(manifest, modalities=modalities, score_min=score_min,
+                          score_max=score_max)
+    return prepare_samples(specs, data_dir, name, source=source, modalities=modalities,
+                           image_size=image_size, score_min=score_min, score_max=score_max,
+                           flow_bound=flow_bound, batch_size=batch_size, flow_mode=flow_mode,
+                           extractor=extractor, use_cache=use_cache, progress=progress)
+
+
+def prepare_jigsaws(jigsaws_root: str, task: str, data_dir: str, *, name: Optional[str] = None,
+                    capture: int = 1, mask_root: Optional[str] = None,
+                    modalities: Sequence[str] | str = ALL_MODALITIES,
+                    image_size: int = DEFAULT_IMAGE_SIZE, score_min: float = GRS_MIN,
+                    score_max: float = GRS_MAX, flow_bound: float = DEFAULT_FLOW_BOUND,
+                    batch_size: int = 8, flow_mode: Optional[str] = None,
+                    extractor: Any = None, use_cache: bool = True,
+                    progress: bool = True) -> PrepResult:
+    """Prepares one JIGSAWS task (see `jigsaws.py`); name defaults to jigsaws_<task>."""
+    modalities = parse_modalities(modalities)
+    _check_scale(score_min, score_max)
+    specs = jigsaws_samples(jigsaws_root, task, capture=capture, modalities=modalities,
+                            mask_root=mask_root, score_min=score_min, score_max=score_max)
+    return prepare_samples(specs, data_dir, name or f"jigsaws_{task.lower()}", source="jigsaws",
+                           modalities=modalities, image_size=image_size, score_min=score_min,
+                           score_max=score_max, flow_bound=flow_bound, batch_size=batch_size,
+                           flow_mode=flow_mode, extractor=extractor, use_cache=use_cache,
+                           progress=progress)
+
+
+def _define_flags(flags) -> None:
+    flags.DEFINE_string("manifest", None, "CSV manifest (video_id,video_path,score,surgeon_id,...)")
+    flags.DEFINE_string("jigsaws_root", None, "JIGSAWS root holding <Task>/video and meta files")
+    flags.DEFINE_string("task", None, "JIGSAWS task: Suturing, Needle_Passing or Knot_Tying")
+    flags.DEFINE_integer("capture", 1, "JIGSAWS capture (endoscope view) 1 or 2")
+    flags.DEFINE_string("mask_root", None, "JIGSAWS mask folder (default <root>/<Task>/masks)")
+    flags.DEFINE_string("data_dir", None, "where the feature dataset is written")
+    flags.DEFINE_string("name", None, "dataset name (JIGSAWS default: jigsaws_<task>)")
+    flags.DEFINE_integer("image_size", DEFAULT_IMAGE_SIZE, "network input side in pixels")
+    flags.DEFINE_string("modalities", ",".join(ALL_MODALITIES), "subset of rgb,flow,mask")
+    flags.DEFINE_float("score_min", None, "lowest valid score (JIGSAWS default 6)")
+    flags.DEFINE_float("score_max", None, "highest valid score (JIGSAWS default 30)")
+    flags.DEFINE_float("flow_bound", DEFAULT_FLOW_BOUND, "flow clip bound in pixels")
+    flags.DEFINE_integer("batch_size", 8, "segments per extractor call (memory bound)")
+    flags.DEFINE_string("flow_mode", None, "how flow enters I3D (extractor default if unset)")
+    flags.DEFINE_bool("cache", True, "reuse/write per-video features in <data_dir>/.cache")
+    flags.DEFINE_bool("progress", True, "show tqdm progress bars")
+
+
+def _main(argv) -> int:
+    from absl import flags
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise PrepError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+    if bool(f.manifest) == bool(f.jigsaws_root):
+        raise PrepError("give exactly one of --manifest=<csv> or --jigsaws_root=<dir>.")
+    if not f.data_dir:
+        raise PrepError("--data_dir is required (where the dataset is written).")
+    common = dict(modalities=f.modalities, image_size=f.image_size, flow_bound=f.flow_bound,
+                  batch_size=f.batch_size, flow_mode=f.flow_mode, use_cache=f.cache,
+                  progress=f.progress)
+    if f.manifest:
+        result = prepare_manifest(f.manifest, f.data_dir, f.name, score_min=f.score_min,
+                                  score_max=f.score_max, **common)
+    else:
+        if not f.task:
+            raise PrepError("--task is required with --jigsaws_root (Suturing, Needle_Passing "
+                            "or Knot_Tying).")
+        result = prepare_jigsaws(
+            f.jigsaws_root, f.task, f.data_dir, name=f.name, capture=f.capture,
+            mask_root=f.mask_root,
+            score_min=GRS_MIN if f.score_min is None else f.score_min,
+            score_max=GRS_MAX if f.score_max is None else f.score_max, **common)
+    print(result.summary(), flush=True)
+    return 0 if result.ok else 1
+
+
+def main(argv) -> None:
+    from surgfusion_jax.feature_dataset import DatasetError
+    try:
+        code = _main(argv)
+    except (PrepError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except OSError as e:   # e.g. an unwritable --data_dir
+        print(f"error: {e.filename or ''}: {e.strerror or e}; fix: check that the path exists "
+              f"and is writable (--data_dir) and that the disk is not full.", file=sys.stderr,
+              flush=True)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    from absl import app, flags as absl_flags
+    _define_flags(absl_flags)
+    app.run(main)
