@@ -1,0 +1,35 @@
+"""JIGSAWS Needle Passing (GRS 6-30, 28 videos): LOSO CV, batch 16, 300 + 300 epochs.
+
+Paper settings (§IV-B). Prepare the features, then train:
+
+  python -m data_prep.prepare --jigsaws_root=<JIGSAWS> --task=Needle_Passing --data_dir=data/features
+
+  python -m surgfusion_jax.main --config=configs/jigsaws_needle_passing.py --config.workdir=runs/jigsaws_needle_passing
+
+Other schemes: `--config.cv.scheme=louo` (8 folds by surgeon) or
+`--config.cv.scheme=kfold` (random 4-fold); LOSO/LOUO folds follow the JIGSAWS
+Experimental_setup when `--config.cv.setup_dir` points to it.
+
+Quick check with a tiny model: `--config=configs/jigsaws_needle_passing.py:small`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.data.name = "jigsaws_needle_passing"
+    config.data.score_max = 30.0
+    config.data.paper_dataset = "jigsaws"
+    config.data.paper_task = "needle_passing"
+    config.cv.scheme = "loso"
+    config.cv.num_folds = 4  # used by kfold only (LOSO: 5 folds, LOUO: 8, from the data)
+    config.unimodal.batch_size = 16
+    config.fusion.batch_size = 16
+    if arg == "small":
+        config = default.small(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
+    return config

@@ -1,0 +1,32 @@
+"""RAH-skill (M-GEARS 14-30, 37 videos x 3 phases): random 4-fold CV, batch 32, 300 + 300 epochs.
+
+Paper settings (§IV-B). Prepare the features, then train:
+
+  python -m data_prep.prepare --manifest=<rah.csv> --data_dir=data/features --name=rah_skill
+
+  python -m surgfusion_jax.main --config=configs/rah.py --config.workdir=runs/rah
+
+Splits are grouped by source video, so a video's three phase scores stay in one fold.
+
+Quick check with a tiny model: `--config=configs/rah.py:small`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.data.name = "rah_skill"
+    config.data.score_max = 30.0
+    config.data.paper_dataset = "rah"
+    config.cv.scheme = "kfold"
+    config.cv.num_folds = 4
+    config.unimodal.batch_size = 32
+    config.fusion.batch_size = 32
+    if arg == "small":
+        config = default.small(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
+    return config

@@ -1,0 +1,30 @@
+"""RARP-skill (M-GEARS 18-28, 33 videos): random 4-fold CV, batch 16, 300 + 300 epochs.
+
+Paper settings (§IV-B). Prepare the features, then train:
+
+  python -m data_prep.prepare --manifest=<rarp.csv> --data_dir=data/features --name=rarp_skill
+
+  python -m surgfusion_jax.main --config=configs/rarp.py --config.workdir=runs/rarp
+
+Quick check with a tiny model: `--config=configs/rarp.py:small`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.data.name = "rarp_skill"
+    config.data.score_max = 30.0
+    config.data.paper_dataset = "rarp"
+    config.cv.scheme = "kfold"
+    config.cv.num_folds = 4
+    config.unimodal.batch_size = 16
+    config.fusion.batch_size = 16
+    if arg == "small":
+        config = default.small(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
+    return config

@@ -1,0 +1,181 @@
+r"""Fig. 4: CSFB attention over modalities along one video, with RGB / flow / mask thumbnails.
+
+  python -m experiments.fig4 --data_dir=data/features --workdir=runs/experiments \
+      [--datasets=rah] [--video_id=<id>] [--stage=2] [--checkpoint=last|best] \
+      [--times=10,60,120,200] [--num_thumbnails=4] \
+      [--manifest=<prep CSV> | --jigsaws_root=<dir> [--mask_root=<dir>]] \
+      [--dataset=synthskill] [--from_checkpoints] [--config.fusion.num_epochs=300 ...]
+
+The full model (three modalities, CSFB + DFB, DRA, 2 heads) of one dataset column
+(default RAH-skill 4-fold, as in the paper; `--datasets=<one of kt,np,su,rah,rarp>`,
+JIGSAWS under LOUO; SynthSkill 4-fold with --dataset=synthskill) is trained (or reused:
+it is the run of Tables II-V under the same --workdir; --from_checkpoints only reads
+it). The video (default: the longest test video of the first fold) is scored by the fold
+model that has it in its test set, from that fold's fusion checkpoint (`--checkpoint`:
+'last' = final epoch, default; 'best' = the paper's test-selected epoch). The curves are
+the CSFB weights of fusion stage `--stage` (`surgfusion.csfb_modality_weights`; one step
+of stage s spans 2^s feature segments). Thumbnails (RGB frame, Farneback flow, mask; see
+experiments.thumbnails) are drawn at `--times` (seconds; default `--num_thumbnails`
+evenly spaced steps) when the source files are reachable through --manifest /
+--jigsaws_root (a config with a `synthskill` block, e.g. configs/demo.py, points to its
+rendered SynthSkill manifest by itself); otherwise the figure has the curves only and the
+output says so.
+
+Writes `<workdir>/fig4.png`, `fig4.csv` (step, time, weight per modality, thumbnail
+label) and `fig4_provenance.json` (run, fold, checkpoint epoch, thumbnail source or why
+there is none, git commit, config).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from experiments import cli, common, outputs, recompute, thumbnails
+from surgfusion_jax import reporting
+
+NAME = "fig4"
+
+
+def pick_steps(num_steps: int, seconds_per_step: float, times: Sequence[float] = (),
+               count: int = 4) -> list[int]:
+    """Time steps for thumbnails: those holding `times` (s), else `count` evenly spaced."""
+    if times:
+        steps = [min(max(int(t // seconds_per_step), 0), num_steps - 1) for t in times]
+    else:
+        steps = [int((i + 0.5) * num_steps / count) for i in range(min(count, num_steps))]
+    return sorted(set(steps))
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_fn(model: Any):
+    """Jitted CSFB weights of `model` (one compile per model and input length)."""
+    import jax
+
+    from surgfusion_jax import surgfusion
+
+    return jax.jit(functools.partial(surgfusion.csfb_modality_weights, model))
+
+
+def stage_weights(config: Any, variables: Any, sample: dict, stage: int):
+    """CSFB weights [T_stage, M] of one (unpadded) video at fusion stage `stage`."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from surgfusion_jax import layers, train
+
+    modalities = tuple(config.data.modalities)
+    model = train.build_model(config.model, modalities)
+    inputs = {m: jnp.asarray(sample[m][None], jnp.float32) for m in modalities}
+    valid = jnp.ones((1, int(sample["num_segments"])), bool)
+    weights = np.asarray(_weights_fn(model)(variables, inputs, valid)[stage - 1][0])
+    keep = np.asarray(layers.stage_valids(valid)[stage][0], bool)
+    return weights[keep]
+
+
+def run(options: common.Options, *, video_id: str | None = None, stage: int = 2,
+        checkpoint: str = "last", times: Sequence[float] = (), num_thumbnails: int = 4,
+        manifest: str | None = None, jigsaws_root: str | None = None,
+        mask_root: str | None = None) -> dict[str, str]:
+    from surgfusion_jax import checkpoints, cross_validation, feature_dataset, splits, train
+
+    if stage not in (1, 2, 3) or checkpoint not in ("last", "best"):
+        raise common.ExperimentError(f"--stage must be 1-3 (got {stage}) and --checkpoint "
+                                     f"'last' or 'best' (got {checkpoint!r}).")
+    common.select("variants", options.variants, ())
+    keys = common.select("datasets", options.datasets, tuple(common.TARGETS))
+    if len(options.datasets) > 1:
+        raise common.ExperimentError(f"--datasets: fig4 shows one dataset, got {keys}.")
+    target = common.TARGETS[keys[0] if options.datasets else "rah"]
+    run_spec = common.Run(options.data_key(target), common.ABLATION_SCHEMES[target.key])
+    workdir = os.path.join(options.workdir, run_spec.name)
+    if not options.from_checkpoints:  # train the run, or reuse it when finished
+        common.fold_records(run_spec, options)
+    config = recompute.load_config(workdir)
+    dataset = feature_dataset.load_feature_dataset(options.data_dir or config.data.data_dir,
+                                                   config.data.name)
+    folds = splits.load_splits(os.path.join(workdir, "splits.json"))
+    folds = [f for k, f in enumerate(folds) if not config.cv.folds or k + 1 in config.cv.folds]
+    provenance = {run_spec.name: outputs.run_provenance(
+        workdir, cross_validation.run_config_dict(config), [f.name for f in folds])}
+    by_id = {s["video_id"]: s for s in dataset.samples}
+    if video_id is None:
+        video_id = max(sorted(folds[0].test), key=lambda v: int(by_id[v]["num_segments"]))
+    fold = next((f for f in folds if video_id in f.test), None)
+    if fold is None:
+        raise common.ExperimentError(f"--video_id={video_id!r} is in no test fold of run "
+                                     f"{run_spec.name}; choose one of {sorted(by_id)[:8]}...")
+    model = train.build_model(config.model, tuple(config.data.modalities))
+    ckpt = checkpoints.PhaseCheckpoints(os.path.join(workdir, "checkpoints", fold.name, "fusion"))
+    try:
+        template = train.abstract_variables(model, int(dataset.metadata["feature_dim"]))
+        variables, meta = ckpt.restore_variables(checkpoint, template)
+    except FileNotFoundError as e:
+        raise recompute.MissingRunError(f"{e} (run fig4 without --from_checkpoints)") from None
+    finally:
+        ckpt.close()
+    sample = by_id[video_id]
+    weights = stage_weights(config, variables, sample, stage)
+    md = dataset.metadata
+    seconds = float(md["segment_length"]) / float(md["fps"]) * 2 ** stage
+    steps = pick_steps(len(weights), seconds, times, num_thumbnails)
+    if manifest is None and "synthskill" in config:  # e.g. configs/demo.py
+        guess = os.path.join(config.synthskill.out_dir, "manifest.csv")
+        manifest = guess if os.path.exists(guess) else None
+    try:
+        specs = thumbnails.find_specs(md, manifest=manifest, jigsaws_root=jigsaws_root,
+                                      jigsaws_task=str(sample.get("task") or "") or None,
+                                      mask_root=mask_root)
+        if video_id not in specs:
+            raise thumbnails.ThumbnailError(f"{video_id} is not in the prep inputs")
+        thumbs = thumbnails.thumbnails(specs[video_id], steps, stage, md,
+                                       int(sample["num_segments"]))
+        source, reason = specs[video_id].video_path, None
+    except thumbnails.ThumbnailError as e:
+        thumbs, source, reason = None, None, f"no thumbnails: {e}"
+        print(f"fig4: {reason}; plotting the curves only.", file=sys.stderr)
+    title = (f"{video_id} (score {float(sample['score']):g}): CSFB stage {stage} weights, "
+             f"{fold.name} {checkpoint} checkpoint (epoch {meta['epoch']})")
+    modalities = list(config.data.modalities)
+    paths = {"png": os.path.join(options.workdir, f"{NAME}.png"),
+             "csv": os.path.join(options.workdir, f"{NAME}.csv"),
+             "provenance": os.path.join(options.workdir, f"{NAME}_provenance.json")}
+    reporting.plot_modality_weights(weights, modalities, paths["png"], seconds_per_step=seconds,
+                                    title=title if thumbs else f"{title}\n(curves only: source "
+                                    "video not found, see fig4_provenance.json)",
+                                    thumbnails=thumbs or None)
+    label = {t: f"T{i + 1}" for i, t in enumerate(steps)} if thumbs else {}
+    rows = [{"step": t, "time_s": t * seconds, **dict(zip(modalities, map(float, w))),
+             "thumbnail": label.get(t, "")} for t, w in enumerate(weights)]
+    reporting._atomic_write(paths["csv"], reporting.csv_table(rows))
+    record = {"experiment": NAME, "git_commit": outputs.git_commit(),
+              "argv": list(options.argv) or sys.argv, "dataset": options.dataset,
+              "from_checkpoints": options.from_checkpoints, "video_id": video_id,
+              "fold": fold.name, "checkpoint": checkpoint, "epoch": meta["epoch"],
+              "stage": stage, "seconds_per_step": seconds, "thumbnail_steps": steps,
+              "thumbnail_source": source, "thumbnail_note": reason, "runs": provenance}
+    reporting._atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
+                                                            indent=1, sort_keys=True) + "\n")
+    return paths
+
+
+if __name__ == "__main__":
+    cli.define_flags()
+    flags.DEFINE_string("video_id", None, "Video to show (default: longest of fold 1's test).")
+    flags.DEFINE_integer("stage", 2, "Fusion stage (1-3) whose CSFB weights are drawn.")
+    flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Fusion checkpoint to use.")
+    flags.DEFINE_list("times", [], "Thumbnail times in seconds (default: evenly spaced).")
+    flags.DEFINE_integer("num_thumbnails", 4, "Thumbnails when --times is not given.")
+    flags.DEFINE_string("manifest", None, "CSV manifest the features were prepared from.")
+    flags.DEFINE_string("jigsaws_root", None, "JIGSAWS root the features were prepared from.")
+    flags.DEFINE_string("mask_root", None, "JIGSAWS mask folder (default <root>/<Task>/masks).")
+    F = flags.FLAGS
+    app.run(cli.main_for(lambda options: run(
+        options, video_id=F.video_id, stage=F.stage, checkpoint=F.checkpoint,
+        times=[float(t) for t in F.times], num_thumbnails=F.num_thumbnails,
+        manifest=F.manifest, jigsaws_root=F.jigsaws_root, mask_root=F.mask_root)))

@@ -1,0 +1,96 @@
+r"""Table I: SurgFusion-Net on JIGSAWS, SU / KT / NP x LOSO / LOUO / 4-fold, and across tasks.
+
+  python -m experiments.table1 --data_dir=data/features --workdir=runs/experiments \
+      [--datasets=kt,np,su] [--variants=loso,louo,kfold] [--dataset=synthskill] \
+      [--from_checkpoints] [--config.unimodal.num_epochs=300 ...]
+
+One run per task and scheme (all three modalities, CSFB + DFB, DRA with 2 heads), with
+the task's config (`configs/jigsaws_<task>.py`): LOSO (5 folds by supertrial), LOUO
+(8 folds by surgeon; the official JIGSAWS folds with --config.cv.setup_dir), random
+4-fold. "Across Tasks" rows (per scheme, when all three tasks ran) combine the task
+means like the paper: SCC by the Fisher z mean (`metrics.fisher_z_mean`), MAE by the
+arithmetic mean, and each SD as the root mean square of the task SDs (the paper's
+Across-Tasks SDs follow from its task SDs this way, e.g. LOSO SCC 0.076, 0.092, 0.032 ->
+0.071; tested in tests/test_experiments.py, the SCC/MAE means in tests/test_paper_results.py).
+
+--dataset=synthskill: SynthSkill is one suturing "task", so the table has the SU rows
+only: LOSO (by supertrial = trial number), LOUO (by surgeon) and 4-fold on SynthSkill,
+beside the paper's SU numbers; no Across-Tasks rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from absl import app
+
+from experiments import cli, common, outputs
+from surgfusion_jax import metrics
+
+NAME = "table1"
+TITLE = "Table I: JIGSAWS (SurgFusion-Net)"
+TASKS = ("kt", "np", "su")
+SCHEMES = ("loso", "louo", "kfold")
+ACROSS = "Across Tasks"
+
+
+def build_rows(options: common.Options) -> list[common.Row]:
+    schemes = common.select("variants", options.variants, SCHEMES)
+    tasks = common.select("datasets", options.datasets, TASKS)
+    if options.synthetic:
+        tasks = ["su"]  # SynthSkill: one suturing task
+    rows = []
+    for key in tasks:
+        target = common.TARGETS[key]
+        for scheme in schemes:
+            paper = common.paper_numbers("I", task=target.task, scheme=scheme,
+                                         method="SurgFusion-Net")
+            rows.append(common.Row({"task": target.task, "scheme": common.SCHEME_LABELS[scheme]},
+                                   paper, common.Run(options.data_key(target), scheme)))
+    return rows
+
+
+def across_tasks(per_task: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Combines per-task {scc_mean, scc_std, mae_mean, mae_std, n_folds} (module doc)."""
+    rms = lambda xs: float(np.sqrt(np.mean(np.square(xs))))  # noqa: E731
+    return {"scc_mean": metrics.fisher_z_mean([t["scc_mean"] for t in per_task]),
+            "scc_std": rms([t["scc_std"] for t in per_task]),
+            "mae_mean": metrics.fold_mean([t["mae_mean"] for t in per_task]),
+            "mae_std": rms([t["mae_std"] for t in per_task]),
+            "n_folds": int(sum(t["n_folds"] for t in per_task))}
+
+
+def across_rows(rows: Sequence[common.Row], summaries: Mapping[str, Any],
+                options: common.Options) -> list[dict[str, Any]]:
+    """One 'Across Tasks' row per scheme whose three tasks all ran."""
+    out = []
+    for scheme in SCHEMES:
+        label = common.SCHEME_LABELS[scheme]
+        task_rows = [r for r in rows if r.labels["scheme"] == label]
+        if sorted(r.labels["task"] for r in task_rows) != ["KT", "NP", "SU"]:
+            continue
+        ours = {}
+        for protocol in common.PROTOCOLS:
+            per_task = [summaries[r.run.name]["fused"].get(protocol) for r in task_rows]
+            if all(per_task):
+                ours[protocol] = across_tasks(per_task)
+        paper = common.paper_numbers("I", task=ACROSS, scheme=scheme, method="SurgFusion-Net")
+        out.append(outputs.cells({"task": ACROSS, "scheme": label},
+                                 f"JIGSAWS KT+NP+SU {label}", paper, ours))
+    return out
+
+
+def run(options: common.Options) -> dict[str, str]:
+    extra = ["Across Tasks: SCC = Fisher z mean of the task SCCs, MAE = mean of the task "
+             "MAEs, SD = root mean square of the task SDs (folds: total over tasks)."]
+    if options.synthetic:
+        extra = ["SynthSkill has one suturing task: its LOSO (trial number), LOUO (surgeon) "
+                 "and 4-fold runs are shown beside the paper's JIGSAWS Suturing (SU) numbers."]
+    return common.run_table(NAME, TITLE, build_rows, options, extra_rows=across_rows,
+                            extra_notes=extra)
+
+
+if __name__ == "__main__":
+    cli.define_flags()
+    app.run(cli.main_for(run))

@@ -1,0 +1,44 @@
+r"""Table V: number of DRA heads (1, 2, 4, 8) in SurgFusion-Net.
+
+  python -m experiments.table5 --data_dir=data/features --workdir=runs/experiments \
+      [--variants=1,2,4,8] [--datasets=su,rah,rarp] [--dataset=synthskill] \
+      [--from_checkpoints] [--config.fusion.num_epochs=300 ...]
+
+One run per dataset column and head count (`config.model.num_heads`; all three
+modalities, CSFB + DFB, DRA): JIGSAWS Suturing LOUO, RAH-skill and RARP-skill 4-fold.
+With --dataset=synthskill the JIGSAWS column maps onto SynthSkill LOUO and the clinical
+columns onto SynthSkill 4-fold. `model.features` must be divisible by every head count.
+The 2-head run is the full model shared with Tables II-IV under the same --workdir.
+"""
+
+from __future__ import annotations
+
+from absl import app
+
+from experiments import cli, common
+
+NAME = "table5"
+TITLE = "Table V: number of DRA heads"
+DATASETS = ("su", "rah", "rarp")
+HEADS = ("1", "2", "4", "8")
+
+
+def build_rows(options: common.Options) -> list[common.Row]:
+    heads = common.select("variants", options.variants, HEADS)
+    rows = []
+    for target, scheme, labels in common.ablation_targets(options, DATASETS):
+        for h in heads:
+            paper = common.paper_numbers("V", dataset=target.dataset, task=target.task,
+                                         scheme=scheme, heads=int(h))
+            run = common.Run(options.data_key(target), scheme, num_heads=int(h))
+            rows.append(common.Row({**labels, "heads": int(h)}, paper, run))
+    return rows
+
+
+def run(options: common.Options) -> dict[str, str]:
+    return common.run_table(NAME, TITLE, build_rows, options)
+
+
+if __name__ == "__main__":
+    cli.define_flags()
+    app.run(cli.main_for(run))

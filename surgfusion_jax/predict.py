@@ -1,0 +1,179 @@
+r"""Skill scores of a trained run, and its CSFB modality weights per time step (Fig. 4).
+
+  python -m surgfusion_jax.predict --workdir=runs/rarp --data_dir=data/features \
+      [--name=rarp_skill] [--fold=fold_1] [--checkpoint=last|best] [--stage=2] \
+      [--output_dir=<workdir>/predictions]
+
+Which model predicts a video:
+  * a video in a test fold of the run (its video_id is in `<workdir>/splits.json`) is
+    predicted by that fold's model: the out-of-fold prediction of the evaluation;
+  * any other video (new data) by the mean of all folds' models: their scores, and
+    their CSFB weights, are averaged;
+  * `--fold=<name or 1-based number>` uses that one fold's model for every video.
+`--checkpoint` picks the fusion phase's 'last' epoch (default, the unbiased protocol) or
+its 'best' test-fold epoch (the paper protocol).
+
+Prints one line per video (predicted score in score units, the dataset's score, the
+models used) and writes `predictions.csv` and one `csfb_<video_id>.png` per video: the
+per-time-step CSFB attention over modalities of fusion stage `--stage` (Fig. 4 shows
+stage 2; one step there spans 4 segments). Exit status 2 on a missing dataset, run or
+checkpoint (the message names the fix).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from surgfusion_jax import (checkpoints, feature_dataset, input_pipeline, layers,  # noqa: E402
+                            metrics, reporting, splits, surgfusion, train)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a finished `surgfusion_jax.main` run.")
+flags.DEFINE_string("data_dir", None, "Feature datasets folder (default: the run's).")
+flags.DEFINE_string("name", None, "Feature dataset name (default: the run's).")
+flags.DEFINE_string("fold", None, "Use only this fold's model (name or 1-based number).")
+flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Fusion checkpoint to use.")
+flags.DEFINE_integer("stage", 2, "Fusion stage (1-3) whose CSFB weights are plotted.")
+flags.DEFINE_string("output_dir", None, "Output folder (default: <workdir>/predictions).")
+flags.DEFINE_bool("plots", True, "Write the CSFB weight plots.")
+
+
+class PredictError(ValueError):
+    """The run or the request cannot be served; the message names the fix."""
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise PredictError(f"{path} not found: --workdir must be the workdir of a "
+                           "`python -m surgfusion_jax.main` run.")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _pick_fold(folds: Sequence[Any], fold: str) -> Any:
+    for k, f in enumerate(folds):
+        if fold in (f.name, str(k + 1)):
+            return f
+    raise PredictError(f"--fold={fold!r} is not a fold of this run; choose one of "
+                       f"{[f.name for f in folds]} or 1..{len(folds)}.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _csfb_weights(model, variables, inputs, valid):
+    """CSFB weights per fusion stage ([B, T_i, M]) and the stage validity masks."""
+    return (surgfusion.csfb_modality_weights(model, variables, inputs, valid),
+            layers.stage_valids(valid)[1:])
+
+
+def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
+            fold: str | None = None, checkpoint: str = "last", stage: int = 2,
+            output_dir: str | None = None, plots: bool = True) -> list[dict[str, Any]]:
+    """Predicts every video of the dataset; returns one row per video (see module doc)."""
+    if stage not in (1, 2, 3):
+        raise PredictError(f"--stage must be 1, 2 or 3, got {stage}.")
+    config = load_run_config(workdir)
+    dataset = feature_dataset.load_feature_dataset(data_dir or config.data.data_dir,
+                                                   name or config.data.name)
+    modalities = tuple(config.data.modalities)
+    missing = [m for m in modalities if m not in dataset.modalities]
+    if missing:
+        raise PredictError(f"dataset {dataset.path!r} lacks modalities {missing} the run was "
+                           "trained on; prepare them.")
+    samples = dataset.samples
+    folds = splits.load_splits(os.path.join(workdir, "splits.json"))
+    chosen = [_pick_fold(folds, fold)] if fold else list(folds)
+    test_fold = {v: f.name for f in folds for v in f.test}
+
+    data = input_pipeline.make_device_data(samples, modalities, config.data.score_max,
+                                           min_bucket=config.min_bucket)
+    model = train.build_model(config.model, modalities)
+    feature_dim = next(iter(data.features.values())).shape[-1]
+    template = train.abstract_variables(model, feature_dim)
+    tx = train.make_optimizer("fusion", config.fusion)  # unused; one object for all folds
+    indices = np.arange(len(samples))
+    lengths = [int(s["num_segments"]) for s in samples]
+    plan = input_pipeline.make_eval_plan(lengths, indices, config.eval_batch_size,
+                                         config.min_bucket)
+
+    scores, weights = {}, {}  # fold name -> [N] scores; -> list of [T_i, M] per video
+    for f in chosen:
+        directory = os.path.join(workdir, "checkpoints", f.name, "fusion")
+        ckpt = checkpoints.PhaseCheckpoints(directory, read_only=True)
+        try:
+            variables, _ = ckpt.restore_variables(checkpoint, template)
+        except FileNotFoundError as e:
+            raise PredictError(str(e)) from None
+        finally:
+            ckpt.close()
+        state = train.create_train_state(model, variables, tx, "fusion", learning_rate=0.0)
+        scores[f.name] = metrics.to_score_units(
+            train.evaluate(state, data, plan, indices)["fused"], config.data.score_max)
+        per_video: dict[int, np.ndarray] = {}
+        for batch in plan:
+            inputs, valid = input_pipeline.gather_eval_batch(data, batch.idx, batch.length)
+            w, v = jax.device_get(_csfb_weights(model, variables, inputs, valid))
+            for row in range(batch.count):
+                keep = np.asarray(v[stage - 1][row], bool)
+                per_video[int(batch.idx[row])] = np.asarray(w[stage - 1][row])[keep]
+        weights[f.name] = [per_video[i] for i in indices]
+
+    rows = []
+    seconds = (float(dataset.metadata["segment_length"]) / float(dataset.metadata["fps"])
+               * 2 ** stage)
+    output_dir = output_dir or os.path.join(workdir, "predictions")
+    for i, s in enumerate(samples):
+        vid = s["video_id"]
+        used = [test_fold[vid]] if not fold and vid in test_fold else [f.name for f in chosen]
+        row = {"video_id": vid, "predicted_score": float(np.mean([scores[u][i] for u in used])),
+               "dataset_score": float(s["score"]),
+               "models": used[0] if len(used) == 1 else f"mean of {len(used)} folds"}
+        rows.append(row)
+        if plots:
+            w = np.mean([weights[u][i] for u in used], axis=0)
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", vid)
+            reporting.plot_modality_weights(
+                w, list(modalities), os.path.join(output_dir, f"csfb_{safe}.png"),
+                seconds_per_step=seconds,
+                title=f"{vid}: CSFB stage {stage} weights (predicted {row['predicted_score']:.2f})")
+    reporting._atomic_write(os.path.join(output_dir, "predictions.csv"),
+                            reporting.csv_table(rows))
+    return rows
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (a run of surgfusion_jax.main)")
+
+    try:
+        rows = predict(FLAGS.workdir, FLAGS.data_dir, FLAGS.name, FLAGS.fold, FLAGS.checkpoint,
+                       FLAGS.stage, FLAGS.output_dir, FLAGS.plots)
+    except (PredictError, feature_dataset.DatasetError, splits.SplitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        print(f"{r['video_id']}\t{r['predicted_score']:.3f}\t(dataset score "
+              f"{r['dataset_score']:.2f}; {r['models']})")
+    out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
+    print(f"wrote {os.path.join(out, 'predictions.csv')}"
+          + (" and one csfb_<video_id>.png per video" if FLAGS.plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
