@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 
 ## Generate SynthSkill, prep it, train and evaluate under 4-fold CV.
 demo: $(STAMP)
-	$(PY) -m surgfusion_jax.demo
+	$(PY) -m surgfusion_jax.main --config=configs/demo.py
 
 ## Benchmarks (JSON on stdout).
 bench: $(STAMP)

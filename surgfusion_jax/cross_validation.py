@@ -39,7 +39,7 @@ from surgfusion_jax import (checkpoints, feature_dataset, input_pipeline, metric
                             paper_results, reporting, splits, train)
 
 # Fields that may differ between a run and its resumption (they change no number).
-RUNTIME_FIELDS = ("workdir", "debug", "progress_bar")
+RUNTIME_FIELDS = ("workdir", "debug", "progress_bar", "compilation_cache_dir")
 
 
 class ConfigError(ValueError):

@@ -30,21 +30,37 @@ EXIT_STOPPED = 3
 
 def run(config) -> int:
     """Runs the cross-validation of `config`; returns the process exit status."""
-    from surgfusion_jax import cross_validation, feature_dataset, reporting, splits, train
+    from surgfusion_jax import (cross_validation, feature_dataset, predict, reporting, splits,
+                                synthskill_setup, train)
 
+    workdir = cross_validation.resolve_workdir(config)
+    if config.get("compilation_cache_dir"):
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
+        if "synthskill" in config:  # configs/demo.py: render + prep SynthSkill when missing
+            synthskill_setup.ensure_features(config, progress=config.progress_bar)
         results = cross_validation.run_cross_validation(config)
-    except (feature_dataset.DatasetError, cross_validation.ConfigError,
-            splits.SplitError) as e:
+        plots = reporting.plot_run(workdir, results)
+        if "fused" in results["summary"]:  # Fig. 4-style CSFB weights of every video
+            predict.predict(workdir, output_dir=os.path.join(workdir, "plots", "csfb"))
+    except (feature_dataset.DatasetError, cross_validation.ConfigError, splits.SplitError,
+            predict.PredictError, synthskill_setup.SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except train.StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_STOPPED
-    workdir = cross_validation.resolve_workdir(config)
     print(reporting.markdown_table(reporting.comparison_rows(results["summary"],
                                                              results.get("paper"))))
-    print(f"results: {os.path.join(workdir, 'results.json')} and results.md")
+    print(f"\nresults table : {os.path.join(workdir, 'results.md')} (and results.json)")
+    print(f"plots         : {', '.join(plots)}")
+    if "fused" in results["summary"]:
+        print(f"modality curves: {os.path.join(workdir, 'plots', 'csfb')}/csfb_<video>.png "
+              "(Fig. 4 style) and predictions.csv")
+    print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/<fold>/<phase>/(best|last)")
     return 0
 
 

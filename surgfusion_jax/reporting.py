@@ -380,3 +380,25 @@ def plot_modality_weights(weights, modality_names: Sequence[str], path: str, sec
             if row == 0:
                 a.set_title(f"T{col + 1}", fontsize=8)
     return _save_figure(fig, path)
+
+
+def plot_run(workdir: str, results: Mapping[str, Any], protocol: str = "final") -> list[str]:
+    """`<workdir>/plots/predictions_<model>.png`: out-of-fold predictions of every model.
+
+    Pools each fold's test predictions of `protocol` ('final': last epoch, the unbiased
+    protocol) over the folds, so every video appears once.
+    """
+    paths = []
+    models = sorted({m for fold in results["folds"] for m in fold["models"]})
+    for model in models:
+        true, pred = [], []
+        for fold in results["folds"]:
+            p = fold["models"].get(model, {}).get("predictions", {}).get(protocol)
+            if p:
+                true += list(p["true"])
+                pred += list(p["pred"])
+        if true:
+            paths.append(plot_predictions(
+                true, pred, os.path.join(workdir, "plots", f"predictions_{model}.png"),
+                title=f"{model}: out-of-fold predictions ({protocol} epoch)"))
+    return paths
