@@ -8,8 +8,9 @@ Layout under a run's workdir:
                                                  (epoch, metrics and test predictions of
                                                  the best test-fold epoch: paper protocol)
 
-`last` is written every `checkpoint_every_epochs` epochs and at the end of the phase,
-`best` whenever the selection metric improves. Both keep one step. A killed run resumes
+`last` is written every `checkpoint_every_epochs` epochs, at the end of the phase and on
+a requested stop; the best epoch so far is written to `best` just before each `last`
+step (`train.run_phase`). Both keep one step. A killed run resumes
 from `last`: the optimizer state, rng, epoch counter and per-epoch history come back,
 and the epochs after it are replayed exactly (they are deterministic given the rng), so
 the finished run ends with the same numbers as an uninterrupted one. `best` steps newer
@@ -28,8 +29,8 @@ import orbax.checkpoint as ocp
 
 
 def _manager(directory: str, read_only: bool) -> ocp.CheckpointManager:
+    # read_only only stops folder creation here (orbax's own read_only mode logs warnings).
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                           read_only=read_only,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
@@ -40,8 +41,8 @@ def _to_host(tree: Any) -> Any:
 
 
 class PhaseCheckpoints:
-    """The `last` and `best` checkpoints of one fold and phase (`read_only`: no writes,
-    no folders created; for prediction)."""
+    """The `last` and `best` checkpoints of one fold and phase (`read_only`: creates no
+    folders; for prediction, which only restores)."""
 
     def __init__(self, directory: str, *, read_only: bool = False):
         self.directory = os.fspath(directory)

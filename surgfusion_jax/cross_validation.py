@@ -146,6 +146,9 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
     model = train.build_model(config.model, modalities)
     budget = train.EpochBudget(config.debug.stop_after_epochs or None)
     selected = set(config.cv.folds or range(1, len(folds) + 1))
+    if not selected <= set(range(1, len(folds) + 1)):
+        raise ConfigError(f"config.cv.folds: {sorted(selected)} are not all fold numbers of "
+                          f"this run (1..{len(folds)}); fix --config.cv.folds.")
     fold_results = [run_fold(config, workdir, k, fold, samples, data, model, budget)
                     for k, fold in enumerate(folds) if k + 1 in selected]
     results = {"config": run_config_dict(config), "dataset": config.data.name,
@@ -158,7 +161,8 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
 def _paper_numbers(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """The paper's numbers for this dataset/scheme (default model only)."""
     m = config.model
-    if not config.data.get("paper_dataset") or (m.fusion, m.use_dfb, m.num_heads) != ("dra", True, 2):
+    if (not config.data.get("paper_dataset")
+            or (m.fusion, m.use_dfb, m.num_heads) != ("dra", True, 2)):
         return None
     try:
         return paper_results.reference_scores(

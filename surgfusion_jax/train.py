@@ -44,7 +44,6 @@ from surgfusion_jax.surgfusion import SurgFusionNet
 
 Array = jax.Array
 PHASES = ("unimodal", "fusion")
-FUSED = "fused"
 
 
 class TrainState(train_state.TrainState):
@@ -171,11 +170,6 @@ def create_train_state(model: SurgFusionNet, variables: Mapping[str, Any],
     return with_learning_rate(state, learning_rate)
 
 
-def output_heads(phase: str, modalities: Sequence[str]) -> tuple[str, ...]:
-    """Names of the scores a phase predicts: the modalities, or 'fused'."""
-    return tuple(modalities) if phase == "unimodal" else (FUSED,)
-
-
 def phase_loss(outputs: Mapping[str, Array], target: Array, weight: Array,
                alpha: float) -> Array:
     """Eq. 19 summed over the phase's heads (one head, 'fused', in the fusion phase)."""
@@ -231,8 +225,8 @@ def train_epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: A
                  "weight": weight_b}
         return train_step(state, batch, key)
 
-    state, metrics = jax.lax.scan(body, state, (idx, weight, jax.random.split(step_rng, steps)))
-    return state, jax.tree.map(jnp.mean, metrics)
+    state, per_step = jax.lax.scan(body, state, (idx, weight, jax.random.split(step_rng, steps)))
+    return state, jax.tree.map(jnp.mean, per_step)
 
 
 @functools.partial(jax.jit, static_argnames=("length",))

@@ -1,8 +1,8 @@
 """Test-wide settings: quiet TensorFlow, JAX on the CPU, cheap XLA compiles.
 
 The suite is dominated by XLA:CPU compile time of small models, not by run time, so the
-backend's optimisation level is lowered for tests only (numerics are unchanged; the
-references are compared within tolerances anyway).
+backend's optimisation level is lowered for tests only (float results move by ~1e-7;
+references are compared within tolerances, and learning tests keep their margins).
 """
 import os
 
