@@ -87,3 +87,26 @@ def small(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for phase in (config.unimodal, config.fusion):
         phase.num_epochs = 3
     return config
+
+
+def with_arg(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+    """Applies the `configs/<name>.py:<arg>` suffix: '' (paper settings) or 'small'."""
+    if arg == "small":
+        return small(config)
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
+    return config
+
+
+def jigsaws_config(task: str) -> ml_collections.ConfigDict:
+    """JIGSAWS task (suturing | knot_tying | needle_passing): GRS 6-30, LOSO, batch 16."""
+    config = get_config()
+    config.data.name = f"jigsaws_{task}"
+    config.data.score_max = 30.0
+    config.data.paper_dataset = "jigsaws"
+    config.data.paper_task = task
+    config.cv.scheme = "loso"
+    config.cv.num_folds = 4  # used by kfold only (LOSO: 5 folds, LOUO: 8, from the data)
+    config.unimodal.batch_size = 16
+    config.fusion.batch_size = 16
+    return config

@@ -57,8 +57,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.fusion.learning_rate = 3e-3
     config.compilation_cache_dir = "demo/jax_cache"  # a re-run skips XLA compilation
     config.checkpoint_every_epochs = 20
-    if arg == "small":
-        config = default.small(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
-    return config
+    return default.with_arg(config, arg)

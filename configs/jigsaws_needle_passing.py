@@ -19,17 +19,4 @@ from configs import default
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    config = default.get_config()
-    config.data.name = "jigsaws_needle_passing"
-    config.data.score_max = 30.0
-    config.data.paper_dataset = "jigsaws"
-    config.data.paper_task = "needle_passing"
-    config.cv.scheme = "loso"
-    config.cv.num_folds = 4  # used by kfold only (LOSO: 5 folds, LOUO: 8, from the data)
-    config.unimodal.batch_size = 16
-    config.fusion.batch_size = 16
-    if arg == "small":
-        config = default.small(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
-    return config
+    return default.with_arg(default.jigsaws_config("needle_passing"), arg)

@@ -25,8 +25,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.cv.num_folds = 4
     config.unimodal.batch_size = 32
     config.fusion.batch_size = 32
-    if arg == "small":
-        config = default.small(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
-    return config
+    return default.with_arg(config, arg)

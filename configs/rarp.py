@@ -23,8 +23,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.cv.num_folds = 4
     config.unimodal.batch_size = 16
     config.fusion.batch_size = 16
-    if arg == "small":
-        config = default.small(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':small' or nothing")
-    return config
+    return default.with_arg(config, arg)
