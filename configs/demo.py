@@ -11,7 +11,7 @@ Settings reduced from the paper's so that the whole demo runs in minutes on 2 CP
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
   * d = 64 instead of 256, embedding 128 instead of 512, K = 4 FusionNets instead of 10
     (2 heads, DRA, CSFB + DFB as in the paper);
-  * 40 + 40 epochs instead of 300 + 300, batch 8 instead of 16 (30 training videos
+  * 60 + 60 epochs instead of 300 + 300, batch 8 instead of 16 (30 training videos
     per fold), training window 16 segments (covers every SynthSkill video);
   * fusion AdamW at 3e-3 instead of 1e-3 and no x0.1 head learning rate (few steps).
 Everything else (optimisers, schedules, loss, protocols) is the paper's.
@@ -49,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.cv.scheme = "kfold"
     config.cv.num_folds = 4
     for phase in (config.unimodal, config.fusion):
-        phase.num_epochs = 40
+        phase.num_epochs = 60
         phase.batch_size = 8
     # Few steps per run: the fusion head trains at the full rate (MAQA: x0.1) and
     # AdamW starts at 3e-3 so the fused score leaves its sigmoid(0) = 0.5 start in time.
