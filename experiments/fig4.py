@@ -152,14 +152,14 @@ def run(options: common.Options, *, video_id: str | None = None, stage: int = 2,
     label = {t: f"T{i + 1}" for i, t in enumerate(steps)} if thumbs else {}
     rows = [{"step": t, "time_s": t * seconds, **dict(zip(modalities, map(float, w))),
              "thumbnail": label.get(t, "")} for t, w in enumerate(weights)]
-    reporting._atomic_write(paths["csv"], reporting.csv_table(rows))
+    reporting.atomic_write(paths["csv"], reporting.csv_table(rows))
     record = {"experiment": NAME, "git_commit": outputs.git_commit(),
               "argv": list(options.argv) or sys.argv, "dataset": options.dataset,
               "from_checkpoints": options.from_checkpoints, "video_id": video_id,
               "fold": fold.name, "checkpoint": checkpoint, "epoch": meta["epoch"],
               "stage": stage, "seconds_per_step": seconds, "thumbnail_steps": steps,
               "thumbnail_source": source, "thumbnail_note": reason, "runs": provenance}
-    reporting._atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
+    reporting.atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
                                                             indent=1, sort_keys=True) + "\n")
     return paths
 

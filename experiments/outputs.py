@@ -108,17 +108,17 @@ def write_outputs(name: str, title: str, rows: Sequence[dict[str, Any]],
              "csv": os.path.join(w, f"{name}.csv"),
              "folds_csv": os.path.join(w, f"{name}_folds.csv"),
              "provenance": os.path.join(w, f"{name}_provenance.json")}
-    reporting._atomic_write(paths["md"], md)
-    reporting._atomic_write(paths["tex"], reporting.latex_table(rows, caption=caption,
+    reporting.atomic_write(paths["md"], md)
+    reporting.atomic_write(paths["tex"], reporting.latex_table(rows, caption=caption,
                                                                 label=f"tab:{name}"))
-    reporting._atomic_write(paths["csv"], reporting.csv_table(rows))
-    reporting._atomic_write(paths["folds_csv"], reporting.csv_table(folds))
+    reporting.atomic_write(paths["csv"], reporting.csv_table(rows))
+    reporting.atomic_write(paths["folds_csv"], reporting.csv_table(folds))
     record = {"experiment": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "git_commit": git_commit(), "argv": list(options.argv) or sys.argv,
               "dataset": options.dataset, "from_checkpoints": options.from_checkpoints,
               "variants": list(options.variants), "datasets": list(options.datasets),
               "runs": provenance}
-    reporting._atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
+    reporting.atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
                                                             indent=1, sort_keys=True) + "\n")
     return paths
 

@@ -103,7 +103,7 @@ def _check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> N
             raise ConfigError(f"workdir {workdir!r} holds a run with another config (differs in "
                               f"{diff}); resume with the same config or choose a new "
                               "--config.workdir.")
-    reporting._atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    reporting.atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 def load_folds(workdir: str, config: ml_collections.ConfigDict,

@@ -148,7 +148,7 @@ def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
                 w, list(modalities), os.path.join(output_dir, f"csfb_{safe}.png"),
                 seconds_per_step=seconds,
                 title=f"{vid}: CSFB stage {stage} weights (predicted {row['predicted_score']:.2f})")
-    reporting._atomic_write(os.path.join(output_dir, "predictions.csv"),
+    reporting.atomic_write(os.path.join(output_dir, "predictions.csv"),
                             reporting.csv_table(rows))
     return rows
 

@@ -217,7 +217,7 @@ def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str,
 
 # --------------------------------------------------------------------------- files
 
-def _atomic_write(path: str, data: bytes | str) -> str:
+def atomic_write(path: str, data: bytes | str) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -286,8 +286,8 @@ def write_results(workdir: str, results: Mapping[str, Any], paper: Mapping[str, 
         results["paper"] = paper
     clean = to_jsonable(results)
     paths = {"json": os.path.join(workdir, "results.json"), "markdown": os.path.join(workdir, "results.md")}
-    _atomic_write(paths["json"], json.dumps(clean, indent=1, allow_nan=False) + "\n")
-    _atomic_write(paths["markdown"], results_markdown(clean))
+    atomic_write(paths["json"], json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    atomic_write(paths["markdown"], results_markdown(clean))
     return paths
 
 
@@ -307,7 +307,7 @@ def _save_figure(fig, path: str) -> str:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 def plot_predictions(true, pred, path: str, title: str | None = None) -> str:

@@ -33,11 +33,12 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from surgfusion_jax import reporting
 
 SCHEMES = ("loso", "louo", "kfold")
 DEFAULT_KFOLD = 4
@@ -309,28 +310,11 @@ def inner_validation_split(train_ids: Sequence[str], samples: Sequence[Mapping[s
 
 # --------------------------------------------------------------------------- persistence
 
-def _atomic_write_text(path: str, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_splits(folds: Sequence[Fold], path: str, metadata: Mapping[str, Any] | None = None) -> str:
     """Write folds (+ optional metadata such as scheme and seed) to JSON, atomically."""
     payload = {"format_version": SPLITS_FORMAT_VERSION, "metadata": dict(metadata or {}),
                "folds": [f.to_dict() for f in folds]}
-    _atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+    reporting.atomic_write(path, json.dumps(payload, indent=1) + "\n")
     return os.fspath(path)
 
 
