@@ -83,6 +83,36 @@ def mix_and_diversify(
     return final, beta
 
 
+def attention_scores(query: Array, key: Array, precision: Any = None) -> Array:
+    """Eq. 11: A+ = Q K^T / sqrt(d_h) as float32 [batch..., heads, q_len, kv_len].
+
+    query, key: [batch..., length, heads, d_h] (the query is scaled first, as Flax does).
+    """
+    scaled = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    return jnp.einsum("...qhd,...khd->...hqk", scaled, key,
+                      precision=precision).astype(jnp.float32)
+
+
+def fixed_alpha(mixing: str, scores: Array) -> Array:
+    """alpha for the non-adaptive modes: 1 ('positive') or 0 ('negative'), [batch..., heads]."""
+    return jnp.full(scores.shape[:-2], 1.0 if mixing == "positive" else 0.0, jnp.float32)
+
+
+def regulated_weights(scores: Array, alpha: Array, *, diversify: bool, eps: float,
+                      mask: Array | None = None, bias: Array | None = None
+                      ) -> tuple[Array, Array]:
+    """Eqs. 13-18 up to the softmax: returns (attention weights, beta).
+
+    `bias` is added to and `mask` applied on A_final only (see the module docstring).
+    """
+    final, beta = mix_and_diversify(scores, alpha, diversify=diversify, eps=eps)
+    if bias is not None:
+        final = final + bias.astype(jnp.float32)
+    if mask is not None:
+        final = jnp.where(mask, final, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(final, axis=-1), beta  # Eq. 18
+
+
 class AlphaMLP(nn.Module):
     """Eq. 12: alpha_h = sigmoid(MLP(AvgPool(Q_h))), one MLP shared by the heads."""
 
@@ -192,28 +222,16 @@ class DRA(nn.Module):
         value = dense(name="value")(inputs_v)
 
         compute_dtype = query.dtype
-        # Eq. 11 (flax scales the query before the product; we do the same).
-        scaled_query = query / jnp.sqrt(head_dim).astype(compute_dtype)
-        scores = jnp.einsum("...qhd,...khd->...hqk", scaled_query, key,
-                            precision=self.precision).astype(jnp.float32)
-
-        batch_shape = scores.shape[:-3]
+        scores = attention_scores(query, key, self.precision)  # Eq. 11
         if self.mixing == "adaptive":
             pooled = jnp.mean(query, axis=-3)  # mean over queries: [batch..., heads, d_h]
             alpha = AlphaMLP(self.alpha_hidden_features or head_dim, self.alpha_bias_init,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name="alpha_mlp")(pooled)
         else:
-            fill = 1.0 if self.mixing == "positive" else 0.0
-            alpha = jnp.full(batch_shape + (self.num_heads,), fill, jnp.float32)
-
-        final, beta = mix_and_diversify(scores, alpha, diversify=self.diversify, eps=self.eps)
-
-        if bias is not None:
-            final = final + bias.astype(jnp.float32)
-        if mask is not None:
-            final = jnp.where(mask, final, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(final, axis=-1)  # Eq. 18
+            alpha = fixed_alpha(self.mixing, scores)
+        weights, beta = regulated_weights(scores, alpha, diversify=self.diversify,
+                                          eps=self.eps, mask=mask, bias=bias)
 
         if sow_weights:
             self.sow("intermediates", "attention_weights", weights)

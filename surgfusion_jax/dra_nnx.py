@@ -1,7 +1,7 @@
 """Divergence Regulated Attention (Eqs. 11-18) as a native `flax.nnx.Module`.
 
 `DRANNX` is the NNX twin of the linen `surgfusion_jax.dra.DRA`: the same math (Eqs.
-13-17 come from the shared `mix_and_diversify`), a constructor shaped like
+13-18 come from the shared `regulated_weights`), a constructor shaped like
 `nnx.MultiHeadAttention` (num_heads, in_features, qkv_features, out_features, ...,
 rngs=...) and the same parameter layout, so `dra_nnx_from_linen` can load the
 variables of a linen `DRA` and reproduce its outputs.
@@ -9,7 +9,7 @@ variables of a linen `DRA` and reproduce its outputs.
 Per head h (see `surgfusion_jax.dra` for the design decisions):
   A+_h = Q_h K_h^T / sqrt(d_h)                         (Eq. 11)
   alpha_h = sigmoid(MLP(mean over queries of Q_h))     (Eq. 12, one MLP shared by heads)
-  A_final_h from Eqs. 13-17 (`mix_and_diversify`)
+  A_final_h from Eqs. 13-17 (`regulated_weights`)
   head_h = softmax(A_final_h + bias, masked) V_h       (Eq. 18)
 
 Example:
@@ -29,7 +29,8 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import unfreeze
 
-from surgfusion_jax.dra import DRA, MIXING_MODES, mix_and_diversify
+from surgfusion_jax.dra import (DRA, MIXING_MODES, attention_scores, fixed_alpha,
+                                regulated_weights)
 
 Array = jax.Array
 Dtype = Any
@@ -157,21 +158,13 @@ class DRANNX(nnx.Module):
         value = self.value(inputs_v)
         compute_dtype = query.dtype
 
-        scaled_query = query / jnp.sqrt(self.head_dim).astype(compute_dtype)  # Eq. 11
-        scores = jnp.einsum("...qhd,...khd->...hqk", scaled_query, key,
-                            precision=self.precision).astype(jnp.float32)
+        scores = attention_scores(query, key, self.precision)  # Eq. 11
         if self.mixing == "adaptive":
             alpha = self.alpha_mlp(jnp.mean(query, axis=-3))  # Eq. 12
         else:
-            fill = 1.0 if self.mixing == "positive" else 0.0
-            alpha = jnp.full(scores.shape[:-2], fill, jnp.float32)
-        final, beta = mix_and_diversify(scores, alpha, diversify=self.diversify,
-                                        eps=self.eps)  # Eqs. 13-17
-        if bias is not None:
-            final = final + bias.astype(jnp.float32)
-        if mask is not None:
-            final = jnp.where(mask, final, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(final, axis=-1)  # Eq. 18
+            alpha = fixed_alpha(self.mixing, scores)
+        weights, beta = regulated_weights(scores, alpha, diversify=self.diversify, eps=self.eps,
+                                          mask=mask, bias=bias)  # Eqs. 13-18
 
         if sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)
