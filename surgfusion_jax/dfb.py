@@ -117,8 +117,9 @@ class FusionNets(nn.Module):
         h = layers.ConvBNAct(m * d, 1, nn.relu, feature_group_count=m, dtype=self.dtype,
                              name="weights_hidden")(
             stacked.reshape(batch_time + (m * d,)), valid, train=train)
-        logits = nn.Conv(m * k, (1,), feature_group_count=m, dtype=self.dtype,
-                         name="weights_out")(h).reshape(batch_time + (m, k))
+        logits = layers.TemporalConv(m * k, 1, feature_group_count=m, use_bias=True,
+                                     dtype=self.dtype, name="weights_out")(h)
+        logits = logits.reshape(batch_time + (m, k))
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-2)  # over modalities
         self.sow("intermediates", "modality_weights", weights)
         mixed = jnp.einsum("btmk,btmd->btkd", weights.astype(stacked.dtype), stacked)  # Eq. 9

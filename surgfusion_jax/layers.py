@@ -104,6 +104,50 @@ def stage_valids(valid: Array) -> list[Array]:
     return [valid, v1, v2, jnp.any(valid, axis=1, keepdims=True)]
 
 
+class TemporalConv(nn.Module):
+    """1-D SAME convolution [B, T, C_in] -> [B, T, features] written as matrix products.
+
+    Same parameters and results as `nn.Conv(features, (kernel_size,), padding="SAME",
+    feature_group_count=...)` (kernel [k, C_in / groups, features], optional bias), but
+    computed as k shifted (grouped) matrix products. XLA's CPU backend runs convolutions
+    inside loops (`lax.scan`, which `train.train_epoch` uses) through a slow generic
+    kernel: a 1x1 convolution with 1024 inputs trained inside a scan measured ~60x
+    slower than the same matrix product (`benchmarks/conv_in_scan.py`).
+    """
+
+    features: int
+    kernel_size: int = 1
+    feature_group_count: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        groups, k = self.feature_group_count, self.kernel_size
+        c_in = x.shape[-1]
+        if c_in % groups or self.features % groups:
+            raise ValueError(f"TemporalConv: {c_in} input and {self.features} output channels "
+                             f"must both divide into feature_group_count={groups} groups.")
+        kernel = self.param("kernel", self.kernel_init, (k, c_in // groups, self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        before = (k - 1) // 2  # XLA's SAME padding: the extra zero goes after
+        if k > 1:
+            x = jnp.pad(x, ((0, 0), (before, k - 1 - before), (0, 0)))
+        length = x.shape[1] - (k - 1)
+        b = x.shape[0]
+        # kernel[i] [C_in/G, G * D]: output channel g * D + o belongs to group g
+        grouped = kernel.reshape(k, c_in // groups, groups, self.features // groups)
+        y = sum(jnp.einsum("btgc,cgd->btgd",
+                           x[:, i:i + length].reshape(b, length, groups, c_in // groups),
+                           grouped[i]) for i in range(k))
+        y = y.reshape(b, length, self.features)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)
+                               ).astype(self.dtype)
+        return y
+
+
 class ConvBNAct(nn.Module):
     """Masked 1-D convolution + BatchNorm + activation.
 
@@ -126,9 +170,9 @@ class ConvBNAct(nn.Module):
     @nn.compact
     def __call__(self, x: Array, valid: Array, *, train: bool) -> Array:
         x = zero_invalid(x, valid)  # SAME padding must see zeros past the true end
-        x = nn.Conv(self.features, (self.kernel_size,), padding="SAME", use_bias=False,
-                    feature_group_count=self.feature_group_count, dtype=self.dtype,
-                    name="conv")(x)
+        x = TemporalConv(self.features, self.kernel_size,
+                         feature_group_count=self.feature_group_count, dtype=self.dtype,
+                         name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                          epsilon=BN_EPSILON, dtype=self.dtype, name="bn")(
             x, mask=valid[..., None])  # statistics over valid steps only

@@ -1,10 +1,12 @@
 """Tests for surgfusion_jax.layers: masked pooling, masked conv blocks, residual blocks."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from model_testutil import np_pool2, tree_copy
 from surgfusion_jax import layers
@@ -129,3 +131,28 @@ def test_pooling_accumulates_in_float32_and_keeps_the_dtype():
     np.testing.assert_array_equal(np.asarray(mean, np.float32), 3.0)
     np.testing.assert_array_equal(np.asarray(pooled[0, :129], np.float32), 3.0)
     assert not bool(pooled_valid[0, 129])  # steps 258 and the internal pad: both invalid
+
+
+@pytest.mark.parametrize("kernel_size,groups,use_bias", [(1, 1, False), (3, 1, True),
+                                                          (3, 4, False), (1, 3, True),
+                                                          (2, 1, False), (5, 2, True)])
+def test_temporal_conv_matches_flax_conv(kernel_size, groups, use_bias):
+    """TemporalConv is nn.Conv(padding='SAME') written as matmuls: same params, same output."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 12))
+    ours = layers.TemporalConv(24, kernel_size, feature_group_count=groups, use_bias=use_bias)
+    ref = nn.Conv(24, (kernel_size,), padding="SAME", feature_group_count=groups,
+                  use_bias=use_bias)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    ours_params = ours.init(jax.random.PRNGKey(1), x)
+    chex.assert_trees_all_equal_shapes(ours_params, params)
+    if use_bias:  # nn.Conv starts at zero bias; make the bias matter
+        params = tree_copy(params)
+        params["params"]["bias"] = jnp.arange(24.0) / 10
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_temporal_conv_rejects_indivisible_groups():
+    x = jnp.ones((1, 4, 6))
+    with pytest.raises(ValueError, match="feature_group_count=4"):
+        layers.TemporalConv(8, 1, feature_group_count=4).init(jax.random.PRNGKey(0), x)
