@@ -56,5 +56,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.fusion.head_lr_factor = 1.0
     config.fusion.learning_rate = 3e-3
     config.compilation_cache_dir = "demo/jax_cache"  # a re-run skips XLA compilation
-    config.checkpoint_every_epochs = 20
+    config.checkpoint_every_epochs = 60  # at the end of each phase (a phase takes seconds)
     return default.with_arg(config, arg)

@@ -38,7 +38,7 @@ def run(config) -> int:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     try:
         if "synthskill" in config:  # configs/demo.py: render + prep SynthSkill when missing
             synthskill_setup.ensure_features(config, progress=config.progress_bar)
