@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.min_bucket = 8  # eval lengths are padded to powers of two >= this
     config.checkpoint_every_epochs = 5  # `last`; also at a phase's end and on a stop
     config.progress_bar = True
+    config.csfb_plots = 8  # Fig. 4-style plots after a run: videos across the score range (0: all)
     config.compilation_cache_dir = ""  # JAX persistent compilation cache ('' = off)
 
     config.debug = ml_collections.ConfigDict()

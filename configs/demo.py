@@ -56,5 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.fusion.head_lr_factor = 1.0
     config.fusion.learning_rate = 3e-3
     config.compilation_cache_dir = "demo/jax_cache"  # a re-run skips XLA compilation
+    config.eval_batch_size = 16  # one evaluation batch per fold (10 test videos)
+    config.min_bucket = 16  # SynthSkill videos have <= 16 segments: a single bucket
     config.checkpoint_every_epochs = 60  # at the end of each phase (a phase takes seconds)
     return default.with_arg(config, arg)

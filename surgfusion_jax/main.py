@@ -45,7 +45,8 @@ def run(config) -> int:
         results = cross_validation.run_cross_validation(config)
         plots = reporting.plot_run(workdir, results)
         if "fused" in results["summary"]:  # Fig. 4-style CSFB weights of every video
-            predict.predict(workdir, output_dir=os.path.join(workdir, "plots", "csfb"))
+            predict.predict(workdir, output_dir=os.path.join(workdir, "plots", "csfb"),
+                            max_plots=config.csfb_plots or None)
     except (feature_dataset.DatasetError, cross_validation.ConfigError, splits.SplitError,
             predict.PredictError, synthskill_setup.SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,7 +60,7 @@ def run(config) -> int:
     print(f"plots         : {', '.join(plots)}")
     if "fused" in results["summary"]:
         print(f"modality curves: {os.path.join(workdir, 'plots', 'csfb')}/csfb_<video>.png "
-              "(Fig. 4 style) and predictions.csv")
+              "(Fig. 4 style, videos across the score range) and predictions.csv")
     print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/<fold>/<phase>/(best|last)")
     return 0
 

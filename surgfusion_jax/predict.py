@@ -48,6 +48,8 @@ flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Fusion checkpoint to 
 flags.DEFINE_integer("stage", 2, "Fusion stage (1-3) whose CSFB weights are plotted.")
 flags.DEFINE_string("output_dir", None, "Output folder (default: <workdir>/predictions).")
 flags.DEFINE_bool("plots", True, "Write the CSFB weight plots.")
+flags.DEFINE_integer("max_plots", None, "Plot at most this many videos, spread over the "
+                     "score range (default: every video).")
 
 
 class PredictError(ValueError):
@@ -71,6 +73,15 @@ def _pick_fold(folds: Sequence[Any], fold: str) -> Any:
                        f"{[f.name for f in folds]} or 1..{len(folds)}.")
 
 
+def _videos_to_plot(scores: Sequence[float], max_plots: int | None) -> set[int]:
+    """Indices of all videos, or of `max_plots` evenly spaced in score order."""
+    if max_plots is None or max_plots >= len(scores):
+        return set(range(len(scores)))
+    order = np.argsort(np.asarray(scores), kind="stable")
+    picks = np.linspace(0, len(order) - 1, max(int(max_plots), 0)).round().astype(int)
+    return {int(order[k]) for k in picks}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _csfb_weights(model, variables, inputs, valid):
     """CSFB weights per fusion stage ([B, T_i, M]) and the stage validity masks."""
@@ -80,8 +91,12 @@ def _csfb_weights(model, variables, inputs, valid):
 
 def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
             fold: str | None = None, checkpoint: str = "last", stage: int = 2,
-            output_dir: str | None = None, plots: bool = True) -> list[dict[str, Any]]:
-    """Predicts every video of the dataset; returns one row per video (see module doc)."""
+            output_dir: str | None = None, plots: bool = True,
+            max_plots: int | None = None) -> list[dict[str, Any]]:
+    """Predicts every video of the dataset; returns one row per video (see module doc).
+
+    With `plots`, writes the CSFB weight plot of every video, or of `max_plots` videos
+    spread evenly over the dataset's score range (lowest and highest included)."""
     if stage not in (1, 2, 3):
         raise PredictError(f"--stage must be 1, 2 or 3, got {stage}.")
     config = load_run_config(workdir)
@@ -134,6 +149,7 @@ def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
     seconds = (float(dataset.metadata["segment_length"]) / float(dataset.metadata["fps"])
                * 2 ** stage)
     output_dir = output_dir or os.path.join(workdir, "predictions")
+    plotted = _videos_to_plot([float(s["score"]) for s in samples], max_plots) if plots else set()
     for i, s in enumerate(samples):
         vid = s["video_id"]
         used = [test_fold[vid]] if not fold and vid in test_fold else [f.name for f in chosen]
@@ -141,7 +157,7 @@ def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
                "dataset_score": float(s["score"]),
                "models": used[0] if len(used) == 1 else f"mean of {len(used)} folds"}
         rows.append(row)
-        if plots:
+        if i in plotted:
             w = np.mean([weights[u][i] for u in used], axis=0)
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", vid)
             reporting.plot_modality_weights(
@@ -162,7 +178,7 @@ def main(argv):
 
     try:
         rows = predict(FLAGS.workdir, FLAGS.data_dir, FLAGS.name, FLAGS.fold, FLAGS.checkpoint,
-                       FLAGS.stage, FLAGS.output_dir, FLAGS.plots)
+                       FLAGS.stage, FLAGS.output_dir, FLAGS.plots, FLAGS.max_plots)
     except (PredictError, feature_dataset.DatasetError, splits.SplitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,7 +187,7 @@ def main(argv):
               f"{r['dataset_score']:.2f}; {r['models']})")
     out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
     print(f"wrote {os.path.join(out, 'predictions.csv')}"
-          + (" and one csfb_<video_id>.png per video" if FLAGS.plots else ""))
+          + (" and csfb_<video_id>.png plots" if FLAGS.plots else ""))
     return 0
 
 

@@ -380,12 +380,12 @@ def run_phase(state: TrainState, data: input_pipeline.DeviceData, *, rng: Array,
 
 
 def _write_scalars(writer: Any, entry: Mapping[str, Any]) -> None:
-    step = entry["epoch"]
+    values = {}
     for key, value in entry.items():
         if isinstance(value, Mapping):
-            for head, values in value.items():
-                for name, v in values.items():
-                    writer.scalar(f"{key}/{head}/{name}", v, step)
+            for head, per_head in value.items():
+                values.update({f"{key}/{head}/{name}": v for name, v in per_head.items()})
         elif key != "epoch":
-            writer.scalar(f"train/{key}", value, step)
+            values[f"train/{key}"] = value
+    writer.scalars(values, entry["epoch"])
     writer.flush()

@@ -65,6 +65,30 @@ def full_run(data_dir, tmp_path_factory):
     return workdir, cv.run_cross_validation(_config(data_dir, "noise"), workdir)
 
 
+def _read_scalars(logdir):
+    """{tag: {step: value}} from the TensorBoard event files under `logdir`."""
+    import tensorflow as tf
+
+    out = {}
+    for name in os.listdir(logdir):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+            for v in event.summary.value:
+                assert v.metadata.plugin_data.plugin_name == "scalars"
+                out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def test_tensorboard_scalars_match_history(full_run):
+    workdir, results = full_run
+    fold = results["folds"][0]
+    scalars = _read_scalars(os.path.join(workdir, "tensorboard", fold["name"], "fusion"))
+    history = fold["models"]["fused"]["history"]
+    for tag, key in (("test/fused/scc", "scc"), ("test/fused/mae", "mae"),
+                     ("val/fused/scc", "val_scc"), ("train/loss", "loss")):
+        assert scalars[tag] == pytest.approx({h["epoch"]: h[key] for h in history}, rel=1e-6)
+    assert "train/lr" in scalars and "train/grad_norm" in scalars
+
+
 def test_full_run_writes_results_tables_and_checkpoints(full_run):
     workdir, results = full_run
     assert {"results.json", "results.md", "splits.json", "config.json", "checkpoints",

@@ -110,6 +110,23 @@ def test_new_videos_average_the_folds_or_use_the_chosen_one(run):
         predict.predict(run["workdir"], fold="fold_9", plots=False)
 
 
+def test_max_plots_picks_videos_across_the_score_range(run):
+    out = os.path.join(run["workdir"], "out_few")
+    rows = predict.predict(run["workdir"], output_dir=out, max_plots=2)
+    assert len(rows) == N  # every video is still predicted
+    by_score = sorted(rows, key=lambda r: r["dataset_score"])
+    expected = {f"csfb_{by_score[0]['video_id']}.png", f"csfb_{by_score[-1]['video_id']}.png"}
+    assert {n for n in os.listdir(out) if n.endswith(".png")} == expected
+
+
+def test_videos_to_plot_spreads_over_the_scores():
+    scores = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert predict._videos_to_plot(scores, None) == set(range(5))
+    assert predict._videos_to_plot(scores, 9) == set(range(5))
+    assert predict._videos_to_plot(scores, 3) == {1, 2, 0}  # scores 1, 3, 5
+    assert predict._videos_to_plot(scores, 0) == set()
+
+
 def test_csfb_weights_per_time_step_sum_to_one(run):
     model = train.build_model(default.small(default.get_config()).model, fd.MODALITIES)
     x = {m: np.ones((1, LENGTH, DIM), np.float32) for m in fd.MODALITIES}
