@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/prep.py
+	$(PY) benchmarks/conv_in_scan.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
