@@ -8,9 +8,9 @@ and the run live under `demo/` in the repository (delete it to start afresh). A 
 `make demo` finds the finished run and only reports it again; delete `demo/run` to
 retrain on the cached features and compiled code.
 
-Measured on 2 CPU cores (this repository's CI machine, idle): from a fresh clone about
-4-5 min in all (install ~1 min with a warm pip cache, render 11 s, prep ~70 s, compilation
-~1.5 min, training); a retrain with `demo/features` and `demo/jax_cache` kept ~100 s.
+Measured on 2 CPU cores (idle): from a fresh clone 4 min 40 s in all (install 46 s with a
+warm pip cache, render 11 s, prep ~70 s, then compilation and training); a retrain with
+`demo/features` and `demo/jax_cache` kept 1 min 32 s.
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
@@ -19,7 +19,7 @@ Settings reduced from the paper's so that the whole demo runs in minutes on 2 CP
   * 120 + 120 epochs instead of 300 + 300, batch 8 instead of 16 (30 training videos
     per fold), training window 16 segments (covers every SynthSkill video);
   * fusion AdamW at 3e-3 instead of 1e-3 and no x0.1 head learning rate (few steps:
-    at 1e-3 the fused model underfits, final-epoch SCC ~0.47 against ~0.72);
+    at 1e-3 the fused model underfits: final-epoch SCC 0.47 against 0.74, seeds 0-1);
   * checkpoints only at the end of each phase; one evaluation batch per fold.
 Everything else (optimisers, schedules, loss, protocols) is the paper's.
 """

@@ -2,7 +2,7 @@ r"""Skill scores of a trained run, and its CSFB modality weights per time step (
 
   python -m surgfusion_jax.predict --workdir=runs/rarp --data_dir=data/features \
       [--name=rarp_skill] [--fold=fold_1] [--checkpoint=last|best] [--stage=2] \
-      [--output_dir=<workdir>/predictions]
+      [--output_dir=<workdir>/predictions] [--max_plots=N]
 
 Which model predicts a video:
   * a video in a test fold of the run (its video_id is in `<workdir>/splits.json`) is
@@ -40,16 +40,21 @@ from surgfusion_jax import (checkpoints, feature_dataset, input_pipeline, layers
                             metrics, reporting, splits, surgfusion, train)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a finished `surgfusion_jax.main` run.")
-flags.DEFINE_string("data_dir", None, "Feature datasets folder (default: the run's).")
-flags.DEFINE_string("name", None, "Feature dataset name (default: the run's).")
-flags.DEFINE_string("fold", None, "Use only this fold's model (name or 1-based number).")
-flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Fusion checkpoint to use.")
-flags.DEFINE_integer("stage", 2, "Fusion stage (1-3) whose CSFB weights are plotted.")
-flags.DEFINE_string("output_dir", None, "Output folder (default: <workdir>/predictions).")
-flags.DEFINE_bool("plots", True, "Write the CSFB weight plots.")
-flags.DEFINE_integer("max_plots", None, "Plot at most this many videos, spread over the "
-                     "score range (default: every video).")
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this
+    module, as `main` does, adds nothing to another program's flags)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a finished `surgfusion_jax.main` run.")
+    flags.DEFINE_string("data_dir", None, "Feature datasets folder (default: the run's).")
+    flags.DEFINE_string("name", None, "Feature dataset name (default: the run's).")
+    flags.DEFINE_string("fold", None, "Use only this fold's model (name or 1-based number).")
+    flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Fusion checkpoint to use.")
+    flags.DEFINE_integer("stage", 2, "Fusion stage (1-3) whose CSFB weights are plotted.")
+    flags.DEFINE_string("output_dir", None, "Output folder (default: <workdir>/predictions).")
+    flags.DEFINE_bool("plots", True, "Write the CSFB weight plots.")
+    flags.DEFINE_integer("max_plots", None, "Plot at most this many videos, spread over the "
+                         "score range (default: every video).")
 
 
 class PredictError(ValueError):
@@ -192,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
