@@ -99,15 +99,21 @@ def with_arg(config: ml_collections.ConfigDict, arg: str) -> ml_collections.Conf
     return config
 
 
+def paper_config(name: str, paper_dataset: str, *, batch_size: int, scheme: str = "kfold",
+                 task: str = "") -> ml_collections.ConfigDict:
+    """A paper dataset's settings (§IV-B): scores out of 30, `scheme` CV (k-fold: 4 folds),
+    `batch_size` in both phases; `name` is the prepared feature dataset."""
+    config = get_config()
+    config.data.name = name
+    config.data.score_max = 30.0
+    config.data.paper_dataset = paper_dataset
+    config.data.paper_task = task
+    config.cv.scheme = scheme
+    config.unimodal.batch_size = batch_size
+    config.fusion.batch_size = batch_size
+    return config
+
+
 def jigsaws_config(task: str) -> ml_collections.ConfigDict:
     """JIGSAWS task (suturing | knot_tying | needle_passing): GRS 6-30, LOSO, batch 16."""
-    config = get_config()
-    config.data.name = f"jigsaws_{task}"
-    config.data.score_max = 30.0
-    config.data.paper_dataset = "jigsaws"
-    config.data.paper_task = task
-    config.cv.scheme = "loso"
-    config.cv.num_folds = 4  # used by kfold only (LOSO: 5 folds, LOUO: 8, from the data)
-    config.unimodal.batch_size = 16
-    config.fusion.batch_size = 16
-    return config
+    return paper_config(f"jigsaws_{task}", "jigsaws", batch_size=16, scheme="loso", task=task)

@@ -17,12 +17,4 @@ from configs import default
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    config = default.get_config()
-    config.data.name = "rah_skill"
-    config.data.score_max = 30.0
-    config.data.paper_dataset = "rah"
-    config.cv.scheme = "kfold"
-    config.cv.num_folds = 4
-    config.unimodal.batch_size = 32
-    config.fusion.batch_size = 32
-    return default.with_arg(config, arg)
+    return default.with_arg(default.paper_config("rah_skill", "rah", batch_size=32), arg)

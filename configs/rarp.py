@@ -15,12 +15,4 @@ from configs import default
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    config = default.get_config()
-    config.data.name = "rarp_skill"
-    config.data.score_max = 30.0
-    config.data.paper_dataset = "rarp"
-    config.cv.scheme = "kfold"
-    config.cv.num_folds = 4
-    config.unimodal.batch_size = 16
-    config.fusion.batch_size = 16
-    return default.with_arg(config, arg)
+    return default.with_arg(default.paper_config("rarp_skill", "rarp", batch_size=16), arg)

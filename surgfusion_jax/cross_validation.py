@@ -287,9 +287,6 @@ class SummaryWriter:
             self._tf.summary.experimental.write_raw_pb(summary.SerializeToString(),
                                                        step=int(step))
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars({tag: value}, step)
-
     def flush(self) -> None:
         self._writer.flush()
 

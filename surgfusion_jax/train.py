@@ -348,11 +348,13 @@ def run_phase(state: TrainState, data: input_pipeline.DeviceData, *, rng: Array,
         state, train_metrics = train_epoch(state, data, padded, num_train,
                                            jax.random.fold_in(rng, epoch), jnp.float32(lr),
                                            window=window, batch_size=batch_size, steps=steps)
+        # Evaluation is dispatched before the training metrics are read back, so the
+        # host waits once per epoch, not once for training and again for evaluation.
+        preds = {name: evaluate(state, data, es.plan, es.indices)
+                 for name, es in eval_sets.items()}
         entry: dict[str, Any] = {"epoch": epoch, "lr": lr}
         entry.update({k: float(v) for k, v in jax.device_get(train_metrics).items()})
-        preds = {}
         for name, es in eval_sets.items():
-            preds[name] = evaluate(state, data, es.plan, es.indices)
             entry[name] = score_metrics(preds[name], es.scores, score_max)
         history.append(entry)
         if "test" in entry:
@@ -366,12 +368,14 @@ def run_phase(state: TrainState, data: input_pipeline.DeviceData, *, rng: Array,
         if writer is not None:
             _write_scalars(writer, entry)
         stop = budget is not None and budget.spend()
-        if checkpoints is not None and (stop or epoch == num_epochs
-                                        or epoch % max(checkpoint_every, 1) == 0):
+        persist = stop or epoch == num_epochs or epoch % max(checkpoint_every, 1) == 0
+        if checkpoints is not None and persist:
             if best_state is not None:
                 checkpoints.save_best(best["epoch"], best_state, best)
                 best_state = None
             checkpoints.save_last(epoch, state, rng, {"history": history, "best": best})
+        if writer is not None and persist:
+            writer.flush()  # with the checkpoints, not every epoch
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}",
                         scc=f"{selection_value(entry['test']):.3f}" if "test" in entry else "-")
@@ -388,4 +392,3 @@ def _write_scalars(writer: Any, entry: Mapping[str, Any]) -> None:
         elif key != "epoch":
             values[f"train/{key}"] = value
     writer.scalars(values, entry["epoch"])
-    writer.flush()
