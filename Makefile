@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-slow demo bench clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -22,8 +22,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
-## Generate SynthSkill, prep it, train and evaluate under 4-fold CV.
+## Generate SynthSkill and prep it (skipped when done), then train and evaluate under 4-fold CV.
 demo: $(STAMP)
+	$(PY) -m data_prep.synthskill_setup --config=configs/demo.py
 	$(PY) -m surgfusion_jax.main --config=configs/demo.py
 
 ## Benchmarks (JSON on stdout).

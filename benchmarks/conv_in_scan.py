@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
 
-from surgfusion_jax import layers
+from surgfusion_jax.models import layers
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size B.")
 _LENGTH = flags.DEFINE_integer("length", 16, "Sequence length T.")

@@ -1,6 +1,6 @@
 """Train-step benchmark of SurgFusion-Net: time, throughput and XLA FLOPs, as JSON on stdout.
 
-For each training phase (SPEC §4; 'unimodal' = the three branches with SGD, 'fusion' =
+For each training phase (docs/design.md §4; 'unimodal' = the three branches with SGD, 'fusion' =
 the fusion branch on frozen branches with AdamW) it jits one optimisation step on random
 features [B, T, F] (all steps valid) and reports
 
@@ -9,8 +9,8 @@ features [B, T, F] (all steps valid) and reports
   flops_per_step                 XLA's count: jitted.lower(...).compile().cost_analysis()
   achieved_tflops                flops_per_step / median
 
-The step is `surgfusion_jax.train.train_step` with the optimiser of
-`surgfusion_jax.train.make_optimizer` and `configs/default.py` when those import;
+The step is `surgfusion_jax.training.train.train_step` with the optimiser of
+`surgfusion_jax.training.train.make_optimizer` and `configs/default.py` when those import;
 otherwise a local step with the same structure (Eq. 19 loss, optax SGD / AdamW) is used.
 The JSON says which ("train_step_impl").
 
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from surgfusion_jax.surgfusion import SurgFusionNet
+from surgfusion_jax.models.surgfusion import SurgFusionNet
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size B.")
 _LENGTH = flags.DEFINE_integer("length", 64, "Segments per sample T (the training window).")
@@ -44,10 +44,10 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "library", "local"],
-                          "Train step: surgfusion_jax.train (library), the local optax step, or library "
+                          "Train step: surgfusion_jax.training.train (library), the local optax step, or library "
                           "when it imports (auto).")
 
-_FALLBACK_OPT = {  # SPEC §4, used only when configs/default.py does not import
+_FALLBACK_OPT = {  # docs/design.md §4, used only when configs/default.py does not import
     "unimodal": dict(learning_rate=1e-2, end_learning_rate=5e-6, momentum=0.9, weight_decay=1e-4,
                      grad_clip=2.0, num_epochs=300),
     "fusion": dict(learning_rate=1e-3, end_learning_rate=5e-6, weight_decay=1e-4, grad_clip=2.0,
@@ -64,12 +64,12 @@ def _phase_config(phase: str) -> dict:
 
 
 def _library_step(model, variables, phase):
-    """(state, step_fn, impl name) from surgfusion_jax.train, or None when unavailable."""
+    """(state, step_fn, impl name) from surgfusion_jax.training.train, or None when unavailable."""
     try:
-        from surgfusion_jax import train
+        from surgfusion_jax.training import train
         tx = train.make_optimizer(phase, _phase_config(phase), steps_per_epoch=1)
         state = train.create_train_state(model, variables, tx, phase)
-        return state, train.train_step, "surgfusion_jax.train.train_step"
+        return state, train.train_step, "surgfusion_jax.training.train.train_step"
     except (ImportError, AttributeError, TypeError, KeyError):
         return None
 
@@ -128,7 +128,7 @@ def bench_phase(phase: str, model, variables, batch) -> dict:
     variables = jax.tree.map(jnp.copy, variables)  # the step donates its state: keep ours intact
     made = _library_step(model, variables, phase) if _IMPL.value != "local" else None
     if made is None and _IMPL.value == "library":
-        raise RuntimeError("--impl=library: surgfusion_jax.train.train_step / create_train_state / "
+        raise RuntimeError("--impl=library: surgfusion_jax.training.train.train_step / create_train_state / "
                            "make_optimizer are not importable.")
     state, step_fn, impl = made or _local_step(model, variables, phase)
     jitted = jax.jit(step_fn, donate_argnums=0)
@@ -156,7 +156,7 @@ def bench_phase(phase: str, model, variables, batch) -> dict:
 def main(argv):
     del argv
     b, t, f = _BATCH.value, _LENGTH.value, _FEATURE_DIM.value
-    modalities = ("rgb", "flow", "mask")
+    modalities = feature_dataset.MODALITIES
     model = SurgFusionNet(modalities=modalities, features=_FEATURES.value, num_candidates=_CANDIDATES.value,
                           num_heads=_HEADS.value, fusion=_FUSION.value, dtype=jnp.dtype(_DTYPE.value))
     keys = jax.random.split(jax.random.PRNGKey(_SEED.value), len(modalities) + 4)

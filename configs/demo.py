@@ -26,11 +26,11 @@ Everything else (optimisers, schedules, loss, protocols) is the paper's.
 
 import ml_collections
 
-from configs import default
+from surgfusion_jax import config_lib
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = config_lib.get_config()
     config.workdir = "demo/run"
     config.data.data_dir = "demo/features"
     config.data.name = "synthskill"
@@ -66,4 +66,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval_batch_size = 16  # one evaluation batch per fold (10 test videos)
     config.min_bucket = 16  # SynthSkill videos have <= 16 segments: a single bucket
     config.checkpoint_every_epochs = 120  # at the end of each phase (a phase takes seconds)
-    return default.with_arg(config, arg)
+    return config_lib.with_arg(config, arg)

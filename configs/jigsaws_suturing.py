@@ -15,8 +15,8 @@ Quick check with a tiny model: `--config=configs/jigsaws_suturing.py:small`.
 
 import ml_collections
 
-from configs import default
+from surgfusion_jax import config_lib
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return default.with_arg(default.jigsaws_config("suturing"), arg)
+    return config_lib.with_arg(config_lib.jigsaws_config("suturing"), arg)

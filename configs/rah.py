@@ -13,8 +13,8 @@ Quick check with a tiny model: `--config=configs/rah.py:small`.
 
 import ml_collections
 
-from configs import default
+from surgfusion_jax import config_lib
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return default.with_arg(default.paper_config("rah_skill", "rah", batch_size=32), arg)
+    return config_lib.with_arg(config_lib.paper_config("rah_skill", "rah", batch_size=32), arg)

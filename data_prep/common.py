@@ -1,4 +1,4 @@
-"""Shared types and constants of the prep stage (paper Sec. III-A.3, SPEC §1).
+"""Shared types and constants of the prep stage (paper Sec. III-A.3, docs/design.md §1).
 
 `PrepError` is the one exception the prep stage raises for a user mistake or a bad
 input; its message names the file, the field and the fix, and the CLI prints it without
@@ -12,16 +12,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from surgfusion_jax import errors
+from surgfusion_jax.data.feature_dataset import MODALITIES
+
 # Bumped whenever a change alters the features of an unchanged input; part of every
 # cache key and recorded in the dataset metadata.
 PREP_VERSION = "1"
 FPS = 10.0             # frames are resampled to 10 FPS (paper Sec. III-A.3 / IV-A)
 SEGMENT_LENGTH = 32    # non-overlapping 32-frame segments, one feature vector each
 DEFAULT_IMAGE_SIZE = 224
-ALL_MODALITIES = ("rgb", "flow", "mask")
+ALL_MODALITIES = MODALITIES  # the feature dataset's, in its order
 
 
-class PrepError(ValueError):
+class PrepError(errors.UserError, ValueError):
     """A bad input or setting; the message says which file/field and how to fix it."""
 
 

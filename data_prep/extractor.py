@@ -1,4 +1,4 @@
-"""Per-segment I3D features for the three modalities (SPEC §1 "features").
+"""Per-segment I3D features for the three modalities (docs/design.md §1.5).
 
 `I3DFeatureExtractor` turns uint8 segments [N, T, H, W, ...] (T = 32 in the prep stage)
 into float32 [N, 1024] vectors: Mixed_5c of the Kinetics-400 I3D of `data_prep/i3d.py`
@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import i3d
+from surgfusion_jax.data.feature_dataset import MODALITIES
 
 FLOW_MODES = ("colour", "two_channel")
 DEFAULT_FLOW_MODE = "colour"
-MODALITIES = ("rgb", "flow", "mask")
 
 
 def _resize_frame(frame: np.ndarray, size: int, interpolation: int | None) -> np.ndarray:

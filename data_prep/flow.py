@@ -1,4 +1,4 @@
-"""Farneback optical flow between consecutive 10-FPS frames (paper Sec. III-A.3, SPEC §1).
+"""Farneback optical flow between consecutive 10-FPS frames (paper Sec. III-A.3, docs/design.md §1).
 
 Flow is computed with `cv2.calcOpticalFlowFarneback` on the grayscale versions of the
 resized (image_size x image_size) 10-FPS RGB frames, so displacements are in pixels of

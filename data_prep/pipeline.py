@@ -1,4 +1,4 @@
-"""Features of one sample: decode -> 10 FPS -> flow -> 32-frame segments -> I3D (SPEC §1).
+"""Features of one sample: decode -> 10 FPS -> flow -> 32-frame segments -> I3D (docs/design.md §1).
 
 Streaming: frames are decoded one by one, buffered into a chunk of whole segments
 (`batch_segments` x 32 frames, by default the extractor's batch size), turned into

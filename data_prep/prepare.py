@@ -1,4 +1,4 @@
-"""The prep stage: videos -> per-segment I3D features -> TFDS feature dataset (SPEC §1).
+"""The prep stage: videos -> per-segment I3D features -> TFDS feature dataset (docs/design.md §1).
 
 Usage:
   python -m data_prep.prepare --manifest=<csv> --data_dir=<dir> --name=<dataset> \
@@ -18,7 +18,7 @@ Behaviour:
   listed in the metadata under `failed`), and the CLI exits with status 1 and a summary.
 * Per-video features are cached atomically under `<data_dir>/.cache/<name>/` (see
   `cache.py`); a re-run (e.g. after an interruption) reuses them. The dataset itself is
-  written atomically by `surgfusion_jax.feature_dataset.write_feature_dataset`, so an
+  written atomically by `surgfusion_jax.data.feature_dataset.write_feature_dataset`, so an
   interrupted run never leaves a half-written dataset.
 """
 
@@ -39,6 +39,7 @@ from data_prep.flow import DEFAULT_FLOW_BOUND, FARNEBACK_PARAMS, FIRST_FRAME_RUL
 from data_prep.jigsaws import GRS_MAX, GRS_MIN, jigsaws_samples
 from data_prep.manifest import read_manifest
 from data_prep.pipeline import StageTimes, extract_sample
+from surgfusion_jax import errors
 
 FEATURE_DIM = 1024
 
@@ -116,7 +117,7 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
                     flow_mode: Optional[str] = None, extractor: Any = None,
                     use_cache: bool = True, progress: bool = True) -> PrepResult:
     """Runs the pipeline over validated samples and writes the dataset `<data_dir>/<name>`."""
-    from surgfusion_jax.feature_dataset import write_feature_dataset
+    from surgfusion_jax.data.feature_dataset import write_feature_dataset
 
     modalities = parse_modalities(modalities)
     if image_size < 16:
@@ -301,12 +302,10 @@ def _main(argv) -> int:
 
 
 def main(argv) -> None:
-    from surgfusion_jax.feature_dataset import DatasetError
     try:
         code = _main(argv)
-    except (PrepError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
+    except errors.UserError as e:  # PrepError, DatasetError
+        code = errors.report(e)
     except OSError as e:   # e.g. an unwritable --data_dir
         print(f"error: {e.filename or ''}: {e.strerror or e}; fix: check that the path exists "
               f"and is writable (--data_dir) and that the disk is not full.", file=sys.stderr,

@@ -1,4 +1,4 @@
-"""Non-overlapping 32-frame segments of the 10-FPS frames (paper Sec. III-A.3, SPEC §1).
+"""Non-overlapping 32-frame segments of the 10-FPS frames (paper Sec. III-A.3, docs/design.md §1).
 
 A video of n frames gives floor(n / 32) segments; segment j covers frames
 [32 j, 32 j + 32). Each segment becomes one feature vector per modality.

@@ -181,14 +181,19 @@ def generate_synthskill(out_dir: str, *, num_surgeons: int = 8, trials_per_surge
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", None, "Folder to write SynthSkill into.")
-flags.DEFINE_integer("num_surgeons", 8, "Surgeons (letters B, C, ...).")
-flags.DEFINE_integer("trials", 5, "Trials per surgeon.")
-flags.DEFINE_integer("image_size", 128, "Frame height and width in pixels.")
-flags.DEFINE_float("fps", 10.0, "Frame rate.")
-flags.DEFINE_float("min_seconds", 20.0, "Shortest video (best surgeon).")
-flags.DEFINE_float("max_seconds", 40.0, "Longest video (worst surgeon).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def define_flags() -> None:
+    """The command-line flags (only when run as a program: importing this module, as
+    `synthskill_setup` does, adds nothing to another program's flags)."""
+    flags.DEFINE_string("out_dir", None, "Folder to write SynthSkill into.")
+    flags.DEFINE_integer("num_surgeons", 8, "Surgeons (letters B, C, ...).")
+    flags.DEFINE_integer("trials", 5, "Trials per surgeon.")
+    flags.DEFINE_integer("image_size", 128, "Frame height and width in pixels.")
+    flags.DEFINE_float("fps", 10.0, "Frame rate.")
+    flags.DEFINE_float("min_seconds", 20.0, "Shortest video (best surgeon).")
+    flags.DEFINE_float("max_seconds", 40.0, "Longest video (worst surgeon).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 def main(argv):
@@ -201,5 +206,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flag_as_required("out_dir")
     app.run(main)

@@ -1,4 +1,4 @@
-"""Video decoding and resampling to 10 FPS with OpenCV (paper Sec. III-A.3, SPEC §1).
+"""Video decoding and resampling to 10 FPS with OpenCV (paper Sec. III-A.3, docs/design.md §1).
 
 Frames are streamed one at a time: a `VideoStream` never holds more than the current
 frame, so a 30-minute video costs the same memory as a 10-second one.

@@ -24,10 +24,9 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import common
-
-EXIT_USER_ERROR = 2
-EXIT_STOPPED = 3
+from experiments import spec
+from surgfusion_jax import errors
+from surgfusion_jax.data import feature_dataset
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
@@ -38,13 +37,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
     (ml_collections reads them at definition time; default sys.argv).
     """
     config_flags.DEFINE_config_file(
-        "config", common.DEFAULT_CONFIG, "Base training config of every run.",
+        "config", spec.DEFAULT_CONFIG, "Base training config of every run.",
         flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
     flags.DEFINE_string("workdir", "runs/experiments", "Experiment folder.",
                         flag_values=flag_values)
     flags.DEFINE_string("data_dir", None, "Feature datasets folder (default: config's).",
                         flag_values=flag_values)
-    flags.DEFINE_enum("dataset", "paper", ["paper", common.SYNTHSKILL],
+    flags.DEFINE_enum("dataset", "paper", ["paper", spec.SYNTHSKILL],
                       "Train on the paper's datasets or map every table onto SynthSkill.",
                       flag_values=flag_values)
     flags.DEFINE_bool("from_checkpoints", False, "Recompute the numbers from the saved "
@@ -56,11 +55,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
 
 
 def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                       argv: tuple[str, ...] = ()) -> common.Options:
+                       argv: tuple[str, ...] = ()) -> spec.Options:
     """Options of the parsed flags; the --config.X overrides become `overrides`."""
     overrides = dict(config_flags.get_override_values(flag_values["config"]))
     config = flag_values.config
-    return common.Options(
+    return spec.Options(
         workdir=flag_values.workdir, base_config=config, overrides=overrides,
         data_dir=flag_values.data_dir, dataset=flag_values.dataset,
         from_checkpoints=flag_values.from_checkpoints,
@@ -69,27 +68,18 @@ def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
         argv=tuple(argv))
 
 
-def run_cli(experiment: Callable[[common.Options], dict[str, str]],
+def run_cli(experiment: Callable[[spec.Options], dict[str, str]],
             flag_values: flags.FlagValues = flags.FLAGS, argv: tuple[str, ...] = ()) -> int:
     """Runs `experiment` with the parsed flags; prints the outputs; returns the exit status."""
-    from surgfusion_jax import cross_validation, feature_dataset, splits, train
-
-    from experiments import recompute
-
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     try:
         paths = experiment(options_from_flags(flag_values, argv))
     except feature_dataset.DatasetError as e:
-        print(f"error: {e}\n(without the paper's datasets, run every table on SynthSkill: "
-              "--dataset=synthskill; or restrict the table with --datasets)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (cross_validation.ConfigError, splits.SplitError, common.ExperimentError,
-            recompute.MissingRunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except train.StopRequested as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_STOPPED
+        return errors.report(e, hint="(without the paper's datasets, run every table on "
+                             "SynthSkill: --dataset=synthskill; or restrict the table with "
+                             "--datasets)")
+    except errors.UserError as e:  # config, splits, experiment, missing run; or a stop
+        return errors.report(e)
     if "md" in paths:
         with open(paths["md"], encoding="utf-8") as f:
             print(f.read())
@@ -97,7 +87,7 @@ def run_cli(experiment: Callable[[common.Options], dict[str, str]],
     return 0
 
 
-def main_for(experiment: Callable[[common.Options], dict[str, str]]) -> Callable:
+def main_for(experiment: Callable[[spec.Options], dict[str, str]]) -> Callable:
     """An absl `main` for `experiment` (define_flags must have run)."""
     def main(argv):
         if len(argv) > 1:

@@ -29,15 +29,20 @@ there is none, git commit, config).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
-from experiments import cli, common, outputs, recompute, thumbnails
-from surgfusion_jax import reporting
+from experiments import cli, outputs, runner, spec, thumbnails
+from surgfusion_jax.evaluation import plots, tables
+from surgfusion_jax.io import atomic_write, write_json
+from surgfusion_jax.models import layers, surgfusion
+from surgfusion_jax.training import cross_validation, runs
 
 NAME = "fig4"
 
@@ -55,52 +60,40 @@ def pick_steps(num_steps: int, seconds_per_step: float, times: Sequence[float] =
 @functools.lru_cache(maxsize=8)
 def _weights_fn(model: Any):
     """Jitted CSFB weights of `model` (one compile per model and input length)."""
-    import jax
-
-    from surgfusion_jax import surgfusion
-
     return jax.jit(functools.partial(surgfusion.csfb_modality_weights, model))
 
 
-def stage_weights(config: Any, variables: Any, sample: dict, stage: int):
+def stage_weights(model: Any, variables: Any, sample: dict, stage: int) -> np.ndarray:
     """CSFB weights [T_stage, M] of one (unpadded) video at fusion stage `stage`."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from surgfusion_jax import layers, train
-
-    modalities = tuple(config.data.modalities)
-    model = train.build_model(config.model, modalities)
-    inputs = {m: jnp.asarray(sample[m][None], jnp.float32) for m in modalities}
+    inputs = {m: jnp.asarray(sample[m][None], jnp.float32) for m in model.modalities}
     valid = jnp.ones((1, int(sample["num_segments"])), bool)
     weights = np.asarray(_weights_fn(model)(variables, inputs, valid)[stage - 1][0])
     keep = np.asarray(layers.stage_valids(valid)[stage][0], bool)
     return weights[keep]
 
 
-def run(options: common.Options, *, video_id: str | None = None, stage: int = 2,
+def run(options: spec.Options, *, video_id: str | None = None, stage: int = 2,
         checkpoint: str = "last", times: Sequence[float] = (), num_thumbnails: int = 4,
         manifest: str | None = None, jigsaws_root: str | None = None,
         mask_root: str | None = None) -> dict[str, str]:
-    from surgfusion_jax import checkpoints, cross_validation, feature_dataset, splits, train
-
     if stage not in (1, 2, 3) or checkpoint not in ("last", "best"):
-        raise common.ExperimentError(f"--stage must be 1-3 (got {stage}) and --checkpoint "
+        raise spec.ExperimentError(f"--stage must be 1-3 (got {stage}) and --checkpoint "
                                      f"'last' or 'best' (got {checkpoint!r}).")
-    common.select("variants", options.variants, ())
-    keys = common.select("datasets", options.datasets, tuple(common.TARGETS))
+    spec.select("variants", options.variants, ())
+    keys = spec.select("datasets", options.datasets, tuple(spec.TARGETS))
     if len(options.datasets) > 1:
-        raise common.ExperimentError(f"--datasets: fig4 shows one dataset, got {keys}.")
-    target = common.TARGETS[keys[0] if options.datasets else "rah"]
-    run_spec = common.Run(options.data_key(target), common.ABLATION_SCHEMES[target.key])
+        raise spec.ExperimentError(f"--datasets: fig4 shows one dataset, got {keys}.")
+    target = spec.TARGETS[keys[0] if options.datasets else "rah"]
+    run_spec = spec.Run(options.data_key(target), spec.ABLATION_SCHEMES[target.key])
     workdir = os.path.join(options.workdir, run_spec.name)
     if not options.from_checkpoints:  # train the run, or reuse it when finished
-        common.fold_records(run_spec, options)
-    config = recompute.load_config(workdir)
-    dataset = feature_dataset.load_feature_dataset(options.data_dir or config.data.data_dir,
-                                                   config.data.name)
-    folds = splits.load_splits(os.path.join(workdir, "splits.json"))
-    folds = [f for k, f in enumerate(folds) if not config.cv.folds or k + 1 in config.cv.folds]
+        runner.fold_records(run_spec, options)
+    try:
+        run_data = runs.load_run(workdir, options.data_dir)
+    except runs.MissingRunError as e:
+        raise runs.MissingRunError(f"{e} (run fig4 without --from_checkpoints)") from None
+    config, dataset = run_data.config, run_data.dataset
+    folds = [f for _, f in run_data.selected_folds()]
     provenance = {run_spec.name: outputs.run_provenance(
         workdir, cross_validation.run_config_dict(config), [f.name for f in folds])}
     by_id = {s["video_id"]: s for s in dataset.samples}
@@ -108,19 +101,14 @@ def run(options: common.Options, *, video_id: str | None = None, stage: int = 2,
         video_id = max(sorted(folds[0].test), key=lambda v: int(by_id[v]["num_segments"]))
     fold = next((f for f in folds if video_id in f.test), None)
     if fold is None:
-        raise common.ExperimentError(f"--video_id={video_id!r} is in no test fold of run "
+        raise spec.ExperimentError(f"--video_id={video_id!r} is in no test fold of run "
                                      f"{run_spec.name}; choose one of {sorted(by_id)[:8]}...")
-    model = train.build_model(config.model, tuple(config.data.modalities))
-    ckpt = checkpoints.PhaseCheckpoints(os.path.join(workdir, "checkpoints", fold.name, "fusion"))
     try:
-        template = train.abstract_variables(model, int(dataset.metadata["feature_dim"]))
-        variables, meta = ckpt.restore_variables(checkpoint, template)
-    except FileNotFoundError as e:
-        raise recompute.MissingRunError(f"{e} (run fig4 without --from_checkpoints)") from None
-    finally:
-        ckpt.close()
+        variables, meta = runs.restore(run_data, fold.name, "fusion", checkpoint)
+    except runs.MissingRunError as e:
+        raise runs.MissingRunError(f"{e} (run fig4 without --from_checkpoints)") from None
     sample = by_id[video_id]
-    weights = stage_weights(config, variables, sample, stage)
+    weights = stage_weights(run_data.model, variables, sample, stage)
     md = dataset.metadata
     seconds = float(md["segment_length"]) / float(md["fps"]) * 2 ** stage
     steps = pick_steps(len(weights), seconds, times, num_thumbnails)
@@ -145,22 +133,21 @@ def run(options: common.Options, *, video_id: str | None = None, stage: int = 2,
     paths = {"png": os.path.join(options.workdir, f"{NAME}.png"),
              "csv": os.path.join(options.workdir, f"{NAME}.csv"),
              "provenance": os.path.join(options.workdir, f"{NAME}_provenance.json")}
-    reporting.plot_modality_weights(weights, modalities, paths["png"], seconds_per_step=seconds,
+    plots.plot_modality_weights(weights, modalities, paths["png"], seconds_per_step=seconds,
                                     title=title if thumbs else f"{title}\n(curves only: source "
                                     "video not found, see fig4_provenance.json)",
                                     thumbnails=thumbs or None)
     label = {t: f"T{i + 1}" for i, t in enumerate(steps)} if thumbs else {}
     rows = [{"step": t, "time_s": t * seconds, **dict(zip(modalities, map(float, w))),
              "thumbnail": label.get(t, "")} for t, w in enumerate(weights)]
-    reporting.atomic_write(paths["csv"], reporting.csv_table(rows))
+    atomic_write(paths["csv"], tables.csv_table(rows))
     record = {"experiment": NAME, "git_commit": outputs.git_commit(),
               "argv": list(options.argv) or sys.argv, "dataset": options.dataset,
               "from_checkpoints": options.from_checkpoints, "video_id": video_id,
               "fold": fold.name, "checkpoint": checkpoint, "epoch": meta["epoch"],
               "stage": stage, "seconds_per_step": seconds, "thumbnail_steps": steps,
               "thumbnail_source": source, "thumbnail_note": reason, "runs": provenance}
-    reporting.atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
-                                                            indent=1, sort_keys=True) + "\n")
+    write_json(paths["provenance"], record, sort_keys=True)
     return paths
 
 

@@ -5,7 +5,7 @@ columns, per-fold numbers and provenance (config, git commit, split seeds) of ev
                                       data ours was trained on), paper SCC / MAE (mean ±
                                       SD where the paper prints one), ours SCC / MAE
                                       (mean ± SD over folds) for both protocols
-                                      (`common.PROTOCOLS`), the number of folds
+                                      (`spec.PROTOCOLS`), the number of folds
   <workdir>/<name>_folds.csv          per row, protocol and fold: epoch, SCC, MAE
   <workdir>/<name>_provenance.json    experiment flags, git commit, and per run: its
                                       workdir, full config, seeds and split test folds
@@ -24,9 +24,10 @@ import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
-from experiments.common import (PROTOCOLS, REPO_ROOT, SCHEME_LABELS, SYNTHSKILL, TARGETS,
-                                Options, Row, Run, run_config)
-from surgfusion_jax import reporting
+from experiments.spec import (PROTOCOLS, REPO_ROOT, SCHEME_LABELS, SYNTHSKILL, TARGETS, Options,
+                              Row, Run, run_config)
+from surgfusion_jax.evaluation import tables
+from surgfusion_jax.io import atomic_write, write_json
 
 
 def _pair(mean: float | None, std: float | None) -> Any:
@@ -102,24 +103,22 @@ def write_outputs(name: str, title: str, rows: Sequence[dict[str, Any]],
     """`<workdir>/<name>.{md,tex,csv}`, `<name>_folds.csv`, `<name>_provenance.json`."""
     w = options.workdir
     md = f"# {title}\n\n" + "".join(f"- {n}\n" for n in note_lines) + "\n" + \
-        reporting.markdown_table(rows)
+        tables.markdown_table(rows)
     caption = title + ". " + " ".join(note_lines)
     paths = {"md": os.path.join(w, f"{name}.md"), "tex": os.path.join(w, f"{name}.tex"),
              "csv": os.path.join(w, f"{name}.csv"),
              "folds_csv": os.path.join(w, f"{name}_folds.csv"),
              "provenance": os.path.join(w, f"{name}_provenance.json")}
-    reporting.atomic_write(paths["md"], md)
-    reporting.atomic_write(paths["tex"], reporting.latex_table(rows, caption=caption,
-                                                                label=f"tab:{name}"))
-    reporting.atomic_write(paths["csv"], reporting.csv_table(rows))
-    reporting.atomic_write(paths["folds_csv"], reporting.csv_table(folds))
+    atomic_write(paths["md"], md)
+    atomic_write(paths["tex"], tables.latex_table(rows, caption=caption, label=f"tab:{name}"))
+    atomic_write(paths["csv"], tables.csv_table(rows))
+    atomic_write(paths["folds_csv"], tables.csv_table(folds))
     record = {"experiment": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "git_commit": git_commit(), "argv": list(options.argv) or sys.argv,
               "dataset": options.dataset, "from_checkpoints": options.from_checkpoints,
               "variants": list(options.variants), "datasets": list(options.datasets),
               "runs": provenance}
-    reporting.atomic_write(paths["provenance"], json.dumps(reporting.to_jsonable(record),
-                                                            indent=1, sort_keys=True) + "\n")
+    write_json(paths["provenance"], record, sort_keys=True)
     return paths
 
 

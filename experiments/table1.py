@@ -8,7 +8,7 @@ One run per task and scheme (all three modalities, CSFB + DFB, DRA with 2 heads)
 the task's config (`configs/jigsaws_<task>.py`): LOSO (5 folds by supertrial), LOUO
 (8 folds by surgeon; the official JIGSAWS folds with --config.cv.setup_dir), random
 4-fold. "Across Tasks" rows (per scheme, when all three tasks ran) combine the task
-means like the paper: SCC by the Fisher z mean (`metrics.fisher_z_mean`), MAE by the
+means like the paper (`evaluation.summary.across_tasks`): SCC by the Fisher z mean, MAE by the
 arithmetic mean, and each SD as the root mean square of the task SDs (the paper's
 Across-Tasks SDs follow from its task SDs this way, e.g. LOSO SCC 0.076, 0.092, 0.032 ->
 0.071; tested in tests/test_experiments.py, the SCC/MAE means in tests/test_paper_results.py).
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 from absl import app
 
-from experiments import cli, common, outputs
-from surgfusion_jax import metrics
+from experiments import cli, outputs, runner, spec
+from surgfusion_jax.evaluation import summary
 
 NAME = "table1"
 TITLE = "Table I: JIGSAWS (SurgFusion-Net)"
@@ -35,59 +34,49 @@ SCHEMES = ("loso", "louo", "kfold")
 ACROSS = "Across Tasks"
 
 
-def build_rows(options: common.Options) -> list[common.Row]:
-    schemes = common.select("variants", options.variants, SCHEMES)
-    tasks = common.select("datasets", options.datasets, TASKS)
+def build_rows(options: spec.Options) -> list[spec.Row]:
+    schemes = spec.select("variants", options.variants, SCHEMES)
+    tasks = spec.select("datasets", options.datasets, TASKS)
     if options.synthetic:
         tasks = ["su"]  # SynthSkill: one suturing task
     rows = []
     for key in tasks:
-        target = common.TARGETS[key]
+        target = spec.TARGETS[key]
         for scheme in schemes:
-            paper = common.paper_numbers("I", task=target.task, scheme=scheme,
+            paper = spec.paper_numbers("I", task=target.task, scheme=scheme,
                                          method="SurgFusion-Net")
-            rows.append(common.Row({"task": target.task, "scheme": common.SCHEME_LABELS[scheme]},
-                                   paper, common.Run(options.data_key(target), scheme)))
+            rows.append(spec.Row({"task": target.task, "scheme": spec.SCHEME_LABELS[scheme]},
+                                   paper, spec.Run(options.data_key(target), scheme)))
     return rows
 
 
-def across_tasks(per_task: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Combines per-task {scc_mean, scc_std, mae_mean, mae_std, n_folds} (module doc)."""
-    rms = lambda xs: float(np.sqrt(np.mean(np.square(xs))))  # noqa: E731
-    return {"scc_mean": metrics.fisher_z_mean([t["scc_mean"] for t in per_task]),
-            "scc_std": rms([t["scc_std"] for t in per_task]),
-            "mae_mean": metrics.fold_mean([t["mae_mean"] for t in per_task]),
-            "mae_std": rms([t["mae_std"] for t in per_task]),
-            "n_folds": int(sum(t["n_folds"] for t in per_task))}
-
-
-def across_rows(rows: Sequence[common.Row], summaries: Mapping[str, Any],
-                options: common.Options) -> list[dict[str, Any]]:
+def across_rows(rows: Sequence[spec.Row], summaries: Mapping[str, Any],
+                options: spec.Options) -> list[dict[str, Any]]:
     """One 'Across Tasks' row per scheme whose three tasks all ran."""
     out = []
     for scheme in SCHEMES:
-        label = common.SCHEME_LABELS[scheme]
+        label = spec.SCHEME_LABELS[scheme]
         task_rows = [r for r in rows if r.labels["scheme"] == label]
         if sorted(r.labels["task"] for r in task_rows) != ["KT", "NP", "SU"]:
             continue
         ours = {}
-        for protocol in common.PROTOCOLS:
+        for protocol in spec.PROTOCOLS:
             per_task = [summaries[r.run.name]["fused"].get(protocol) for r in task_rows]
             if all(per_task):
-                ours[protocol] = across_tasks(per_task)
-        paper = common.paper_numbers("I", task=ACROSS, scheme=scheme, method="SurgFusion-Net")
+                ours[protocol] = summary.across_tasks(per_task)
+        paper = spec.paper_numbers("I", task=ACROSS, scheme=scheme, method="SurgFusion-Net")
         out.append(outputs.cells({"task": ACROSS, "scheme": label},
                                  f"JIGSAWS KT+NP+SU {label}", paper, ours))
     return out
 
 
-def run(options: common.Options) -> dict[str, str]:
+def run(options: spec.Options) -> dict[str, str]:
     extra = ["Across Tasks: SCC = Fisher z mean of the task SCCs, MAE = mean of the task "
              "MAEs, SD = root mean square of the task SDs (folds: total over tasks)."]
     if options.synthetic:
         extra = ["SynthSkill has one suturing task: its LOSO (trial number), LOUO (surgeon) "
                  "and 4-fold runs are shown beside the paper's JIGSAWS Suturing (SU) numbers."]
-    return common.run_table(NAME, TITLE, build_rows, options, extra_rows=across_rows,
+    return runner.run_table(NAME, TITLE, build_rows, options, extra_rows=across_rows,
                             extra_notes=extra)
 
 

@@ -14,26 +14,26 @@ from __future__ import annotations
 
 from absl import app
 
-from experiments import cli, common
+from experiments import cli, runner, spec
 
 NAME = "table2"
 TITLE = "Table II: RAH-skill and RARP-skill, random 4-fold"
 DATASETS = ("rah", "rarp")
 
 
-def build_rows(options: common.Options) -> list[common.Row]:
-    common.select("variants", options.variants, ())
+def build_rows(options: spec.Options) -> list[spec.Row]:
+    spec.select("variants", options.variants, ())
     rows = []
-    for key in common.select("datasets", options.datasets, DATASETS):
-        target = common.TARGETS[key]
-        run = common.Run(options.data_key(target), "kfold")
-        paper = common.paper_numbers("II", dataset=target.dataset, method="SurgFusion-Net")
-        rows.append(common.Row({"dataset": target.dataset, "scheme": "4-Fold"}, paper, run))
+    for key in spec.select("datasets", options.datasets, DATASETS):
+        target = spec.TARGETS[key]
+        run = spec.Run(options.data_key(target), "kfold")
+        paper = spec.paper_numbers("II", dataset=target.dataset, method="SurgFusion-Net")
+        rows.append(spec.Row({"dataset": target.dataset, "scheme": "4-Fold"}, paper, run))
     return rows
 
 
-def run(options: common.Options) -> dict[str, str]:
-    return common.run_table(NAME, TITLE, build_rows, options)
+def run(options: spec.Options) -> dict[str, str]:
+    return runner.run_table(NAME, TITLE, build_rows, options)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import app
 
-from experiments import cli, common
+from experiments import cli, runner, spec
 
 NAME = "table3"
 TITLE = "Table III: fusion blocks and modality subsets"
@@ -29,33 +29,33 @@ NAMES = {"rgb": "RGB", "flow": "Flow", "mask": "Mask"}
 VARIANTS = ("single",) + tuple(f"{b}:{'+'.join(m)}" for b in BLOCKS for m in SUBSETS)
 
 
-def build_rows(options: common.Options) -> list[common.Row]:
-    variants = common.select("variants", options.variants, VARIANTS)
+def build_rows(options: spec.Options) -> list[spec.Row]:
+    variants = spec.select("variants", options.variants, VARIANTS)
     rows = []
-    for target, scheme, labels in common.ablation_targets(options, DATASETS):
+    for target, scheme, labels in spec.ablation_targets(options, DATASETS):
         query = dict(dataset=target.dataset, task=target.task, scheme=scheme)
         data = options.data_key(target)
         if "single" in variants:
-            full = common.Run(data, scheme)
-            for m in common.ALL_MODALITIES:
-                paper = common.paper_numbers("III", block="single", modalities=m, **query)
-                rows.append(common.Row({**labels, "block": "single branch",
+            full = spec.Run(data, scheme)
+            for m in spec.ALL_MODALITIES:
+                paper = spec.paper_numbers("III", block="single", modalities=m, **query)
+                rows.append(spec.Row({**labels, "block": "single branch",
                                         "modalities": NAMES[m]}, paper, full, model=m))
         for variant in variants[1:] if "single" in variants else variants:
             block, mods = variant.split(":")
             mods = tuple(mods.split("+"))
-            paper = common.paper_numbers("III", block=block, modalities=mods, **query)
-            run = common.Run(data, scheme, modalities=mods, use_dfb=block == "csfb+dfb")
-            rows.append(common.Row({**labels, "block": BLOCKS[block],
+            paper = spec.paper_numbers("III", block=block, modalities=mods, **query)
+            run = spec.Run(data, scheme, modalities=mods, use_dfb=block == "csfb+dfb")
+            rows.append(spec.Row({**labels, "block": BLOCKS[block],
                                     "modalities": "+".join(NAMES[m] for m in mods)},
                                    paper, run))
     return rows
 
 
-def run(options: common.Options) -> dict[str, str]:
+def run(options: spec.Options) -> dict[str, str]:
     extra = ["Single-branch rows: the unimodal branches trained in the CSFB + DFB run "
              "with all three modalities."]
-    return common.run_table(NAME, TITLE, build_rows, options, extra_notes=extra)
+    return runner.run_table(NAME, TITLE, build_rows, options, extra_notes=extra)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from absl import app
 
-from experiments import cli, common
+from experiments import cli, runner, spec
 
 NAME = "table4"
 TITLE = "Table IV: fusion strategies"
@@ -24,20 +24,20 @@ FUSIONS = {"avg": "AVG", "cat": "CAT", "vanilla_ca": "Vanilla CA", "negative_ca"
            "dra": "DRA (ours)"}
 
 
-def build_rows(options: common.Options) -> list[common.Row]:
-    fusions = common.select("variants", options.variants, tuple(FUSIONS))
+def build_rows(options: spec.Options) -> list[spec.Row]:
+    fusions = spec.select("variants", options.variants, tuple(FUSIONS))
     rows = []
-    for target, scheme, labels in common.ablation_targets(options, DATASETS):
+    for target, scheme, labels in spec.ablation_targets(options, DATASETS):
         for fusion in fusions:
-            paper = common.paper_numbers("IV", dataset=target.dataset, task=target.task,
+            paper = spec.paper_numbers("IV", dataset=target.dataset, task=target.task,
                                          scheme=scheme, fusion=fusion)
-            run = common.Run(options.data_key(target), scheme, fusion=fusion)
-            rows.append(common.Row({**labels, "fusion": FUSIONS[fusion]}, paper, run))
+            run = spec.Run(options.data_key(target), scheme, fusion=fusion)
+            rows.append(spec.Row({**labels, "fusion": FUSIONS[fusion]}, paper, run))
     return rows
 
 
-def run(options: common.Options) -> dict[str, str]:
-    return common.run_table(NAME, TITLE, build_rows, options)
+def run(options: spec.Options) -> dict[str, str]:
+    return runner.run_table(NAME, TITLE, build_rows, options)
 
 
 if __name__ == "__main__":

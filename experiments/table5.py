@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from absl import app
 
-from experiments import cli, common
+from experiments import cli, runner, spec
 
 NAME = "table5"
 TITLE = "Table V: number of DRA heads"
@@ -23,20 +23,20 @@ DATASETS = ("su", "rah", "rarp")
 HEADS = ("1", "2", "4", "8")
 
 
-def build_rows(options: common.Options) -> list[common.Row]:
-    heads = common.select("variants", options.variants, HEADS)
+def build_rows(options: spec.Options) -> list[spec.Row]:
+    heads = spec.select("variants", options.variants, HEADS)
     rows = []
-    for target, scheme, labels in common.ablation_targets(options, DATASETS):
+    for target, scheme, labels in spec.ablation_targets(options, DATASETS):
         for h in heads:
-            paper = common.paper_numbers("V", dataset=target.dataset, task=target.task,
+            paper = spec.paper_numbers("V", dataset=target.dataset, task=target.task,
                                          scheme=scheme, heads=int(h))
-            run = common.Run(options.data_key(target), scheme, num_heads=int(h))
-            rows.append(common.Row({**labels, "heads": int(h)}, paper, run))
+            run = spec.Run(options.data_key(target), scheme, num_heads=int(h))
+            rows.append(spec.Row({**labels, "heads": int(h)}, paper, run))
     return rows
 
 
-def run(options: common.Options) -> dict[str, str]:
-    return common.run_table(NAME, TITLE, build_rows, options)
+def run(options: spec.Options) -> dict[str, str]:
+    return runner.run_table(NAME, TITLE, build_rows, options)
 
 
 if __name__ == "__main__":

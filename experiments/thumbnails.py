@@ -26,8 +26,17 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from data_prep.common import PrepError
+from data_prep.flow import farneback, to_gray
+from data_prep.jigsaws import jigsaws_samples
+from data_prep.manifest import read_manifest
+from data_prep.masks import MaskReader
+from data_prep.video import VideoStream, grid_range
+from surgfusion_jax import errors
+from surgfusion_jax.data.feature_dataset import MODALITIES
 
-class ThumbnailError(RuntimeError):
+
+class ThumbnailError(errors.UserError, RuntimeError):
     """The source video/mask of a sample cannot be read; the message says why."""
 
 
@@ -35,11 +44,7 @@ def find_specs(metadata: Mapping[str, Any], *, manifest: str | None = None,
                jigsaws_root: str | None = None, jigsaws_task: str | None = None,
                mask_root: str | None = None) -> dict[str, Any]:
     """{video_id: data_prep SampleSpec} of the source files; ThumbnailError if none."""
-    from data_prep.common import PrepError
-    from data_prep.jigsaws import jigsaws_samples
-    from data_prep.manifest import read_manifest
-
-    modalities = tuple(metadata.get("modalities", ("rgb", "flow", "mask")))
+    modalities = tuple(metadata.get("modalities", MODALITIES))
     manifest = manifest or metadata.get("manifest")
     try:
         if manifest:
@@ -85,11 +90,6 @@ def _mask_image(mask: np.ndarray) -> np.ndarray:
 def read_frames(spec: Any, k: int, *, image_size: int, fps: float, flow_bound: float
                 ) -> list[np.ndarray]:
     """[RGB, flow colour image, mask (when the sample has one)] at 10-FPS frame k."""
-    from data_prep.common import PrepError
-    from data_prep.flow import farneback, to_gray
-    from data_prep.masks import MaskReader
-    from data_prep.video import VideoStream, grid_range
-
     k0 = grid_range(spec.start_s, spec.end_s, fps)[0]
     first = k0 + k - 1 if k > 0 else k0 + k
     try:
@@ -116,7 +116,7 @@ def read_frames(spec: Any, k: int, *, image_size: int, fps: float, flow_bound: f
 
 def thumbnails(spec: Any, steps: Sequence[int], stage: int, metadata: Mapping[str, Any],
                num_segments: int) -> list[tuple[int, list[np.ndarray]]]:
-    """[(step, [rgb, flow, mask])] for `reporting.plot_modality_weights(thumbnails=...)`."""
+    """[(step, [rgb, flow, mask])] for `plots.plot_modality_weights(thumbnails=...)`."""
     if not os.path.exists(spec.video_path):
         raise ThumbnailError(f"video {spec.video_path!r} of {spec.video_id} not found")
     fps = float(metadata.get("fps", 10.0))

@@ -1,19 +1,19 @@
 """surgfusion-jax: SurgFusion-Net (He et al.) and Divergence Regulated Attention in JAX/Flax.
 
 The model API is importable from the package root; the names load lazily, so
-`import surgfusion_jax.feature_dataset` (prep stage) does not pull in JAX or Flax.
+`import surgfusion_jax.data.feature_dataset` (prep stage) does not pull in JAX or Flax.
 """
 
 import importlib
 
 _EXPORTS = {
-    "DRA": "surgfusion_jax.dra",
-    "SurgFusionNet": "surgfusion_jax.surgfusion",
-    "csfb_modality_weights": "surgfusion_jax.surgfusion",
-    "UnimodalBranch": "surgfusion_jax.branches",
-    "CrossStageFusionBlock": "surgfusion_jax.csfb",
-    "DynamicFusionBlock": "surgfusion_jax.dfb",
-    "skill_loss": "surgfusion_jax.losses",
+    "DRA": "surgfusion_jax.models.dra",
+    "SurgFusionNet": "surgfusion_jax.models.surgfusion",
+    "csfb_modality_weights": "surgfusion_jax.models.surgfusion",
+    "UnimodalBranch": "surgfusion_jax.models.branches",
+    "CrossStageFusionBlock": "surgfusion_jax.models.csfb",
+    "DynamicFusionBlock": "surgfusion_jax.models.dfb",
+    "skill_loss": "surgfusion_jax.models.losses",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,62 +7,60 @@ r"""Trains and evaluates SurgFusion-Net under cross-validation (both phases).
 command resumes a killed run from its checkpoints. Results: `<workdir>/results.json`
 and `results.md`; TensorBoard scalars under `<workdir>/tensorboard`.
 
-Exit status: 0 done, 2 missing/broken dataset or bad config/splits (the message names
-the fix), 3 stopped early by `--config.debug.stop_after_epochs` (re-run to resume).
+Exit status (`errors`): 0 done, 2 missing/broken dataset or bad config/splits (the
+message names the fix), 3 stopped early by `--config.debug.stop_after_epochs` (re-run to
+resume). A config with a `synthskill` block (configs/demo.py) trains on features made by
+`python -m data_prep.synthskill_setup` first (`make demo` runs both).
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from surgfusion_jax import errors, predict  # noqa: E402
+from surgfusion_jax.data import feature_dataset  # noqa: E402
+from surgfusion_jax.evaluation import plots as plots_lib, tables  # noqa: E402
+from surgfusion_jax.training import cross_validation  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/rarp.py (configs/<name>.py:small "
     "for a quick check).", lock_config=True)
 
-EXIT_USER_ERROR = 2
-EXIT_STOPPED = 3
-
 
 def run(config) -> int:
     """Runs the cross-validation of `config`; returns the process exit status."""
-    from surgfusion_jax import (cross_validation, feature_dataset, predict, reporting, splits,
-                                synthskill_setup, train)
-
     workdir = cross_validation.resolve_workdir(config)
     if config.get("compilation_cache_dir"):
-        import jax
-
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     try:
-        if "synthskill" in config:  # configs/demo.py: render + prep SynthSkill when missing
-            synthskill_setup.ensure_features(config, progress=config.progress_bar)
-        results = cross_validation.run_cross_validation(config)
-        plots = reporting.plot_run(workdir, results)
+        results, run_data = cross_validation.run_cross_validation(config)
+        plots = plots_lib.plot_run(workdir, results)
         if "fused" in results["summary"]:  # Fig. 4-style CSFB weights of every video
-            predict.predict(workdir, output_dir=os.path.join(workdir, "plots", "csfb"),
+            predict.predict(run=run_data, output_dir=os.path.join(workdir, "plots", "csfb"),
                             max_plots=config.csfb_plots or None)
-    except (feature_dataset.DatasetError, cross_validation.ConfigError, splits.SplitError,
-            predict.PredictError, synthskill_setup.SetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except train.StopRequested as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_STOPPED
-    print(reporting.markdown_table(reporting.comparison_rows(results["summary"],
-                                                             results.get("paper"))))
+    except feature_dataset.DatasetError as e:
+        hint = ""
+        if "synthskill" in config:  # e.g. configs/demo.py: the prep step comes first
+            hint = ("make the SynthSkill features first: python -m data_prep.synthskill_setup "
+                    "--config=<this config file> (`make demo` runs both steps)")
+        return errors.report(e, hint=hint)
+    except errors.UserError as e:
+        return errors.report(e)
+    print(tables.markdown_table(tables.comparison_rows(results["summary"],
+                                                       results.get("paper"))))
     print(f"\nresults table : {os.path.join(workdir, 'results.md')} (and results.json)")
     print(f"plots         : {', '.join(plots)}")
     if "fused" in results["summary"]:
         print(f"modality curves: {os.path.join(workdir, 'plots', 'csfb')}/csfb_<video>.png "
               "(Fig. 4 style, videos across the score range) and predictions.csv")
     print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/<fold>/<phase>/(best|last)")
-    return 0
+    return errors.EXIT_OK
 
 
 def main(argv):

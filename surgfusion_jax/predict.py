@@ -23,21 +23,22 @@ checkpoint (the message names the fix).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from surgfusion_jax import (checkpoints, feature_dataset, input_pipeline, layers,  # noqa: E402
-                            metrics, reporting, splits, surgfusion, train)
+from surgfusion_jax import errors  # noqa: E402
+from surgfusion_jax.data import input_pipeline  # noqa: E402
+from surgfusion_jax.evaluation import metrics, plots as plots_lib, tables  # noqa: E402
+from surgfusion_jax.io import atomic_write  # noqa: E402
+from surgfusion_jax.models import layers, surgfusion  # noqa: E402
+from surgfusion_jax.training import runs  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -57,17 +58,8 @@ def define_flags() -> None:
                          "score range (default: every video).")
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError, ValueError):
     """The run or the request cannot be served; the message names the fix."""
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise PredictError(f"{path} not found: --workdir must be the workdir of a "
-                           "`python -m surgfusion_jax.main` run.")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def _pick_fold(folds: Sequence[Any], fold: str) -> Any:
@@ -94,66 +86,52 @@ def _csfb_weights(model, variables, inputs, valid):
             layers.stage_valids(valid)[1:])
 
 
-def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
+def predict(workdir: str | None = None, data_dir: str | None = None, name: str | None = None,
             fold: str | None = None, checkpoint: str = "last", stage: int = 2,
             output_dir: str | None = None, plots: bool = True,
-            max_plots: int | None = None) -> list[dict[str, Any]]:
+            max_plots: int | None = None, run: runs.RunData | None = None
+            ) -> list[dict[str, Any]]:
     """Predicts every video of the dataset; returns one row per video (see module doc).
 
+    `run`: the run's data already in memory (as `main` holds it after training); else
+    it is loaded from `workdir` (`data_dir` / `name`: a moved or another feature dataset).
     With `plots`, writes the CSFB weight plot of every video, or of `max_plots` videos
     spread evenly over the dataset's score range (lowest and highest included)."""
     if stage not in (1, 2, 3):
         raise PredictError(f"--stage must be 1, 2 or 3, got {stage}.")
-    config = load_run_config(workdir)
-    dataset = feature_dataset.load_feature_dataset(data_dir or config.data.data_dir,
-                                                   name or config.data.name)
-    modalities = tuple(config.data.modalities)
-    missing = [m for m in modalities if m not in dataset.modalities]
-    if missing:
-        raise PredictError(f"dataset {dataset.path!r} lacks modalities {missing} the run was "
-                           "trained on; prepare them.")
-    samples = dataset.samples
-    folds = splits.load_splits(os.path.join(workdir, "splits.json"))
-    chosen = [_pick_fold(folds, fold)] if fold else list(folds)
-    test_fold = {v: f.name for f in folds for v in f.test}
-
-    data = input_pipeline.make_device_data(samples, modalities, config.data.score_max,
-                                           min_bucket=config.min_bucket)
-    model = train.build_model(config.model, modalities)
-    feature_dim = next(iter(data.features.values())).shape[-1]
-    template = train.abstract_variables(model, feature_dim)
-    tx = train.make_optimizer("fusion", config.fusion)  # unused; one object for all folds
+    if checkpoint not in ("last", "best"):
+        raise PredictError(f"--checkpoint must be 'last' or 'best', got {checkpoint!r}.")
+    if run is None:
+        if not workdir:
+            raise PredictError("--workdir is required (a run of surgfusion_jax.main).")
+        run = runs.load_run(workdir, data_dir, name)
+    samples, modalities = run.samples, list(run.modalities)
+    chosen = [_pick_fold(run.folds, fold)] if fold else list(run.folds)
+    test_fold = {v: f.name for f in run.folds for v in f.test}
     indices = np.arange(len(samples))
     lengths = [int(s["num_segments"]) for s in samples]
-    plan = input_pipeline.make_eval_plan(lengths, indices, config.eval_batch_size,
-                                         config.min_bucket)
+    plan = input_pipeline.make_eval_plan(lengths, indices, run.config.eval_batch_size,
+                                         run.config.min_bucket)
+    score_max = run.config.data.score_max
 
     scores, weights = {}, {}  # fold name -> [N] scores; -> list of [T_i, M] per video
     for f in chosen:
-        directory = os.path.join(workdir, "checkpoints", f.name, "fusion")
-        ckpt = checkpoints.PhaseCheckpoints(directory, read_only=True)
-        try:
-            variables, _ = ckpt.restore_variables(checkpoint, template)
-        except FileNotFoundError as e:
-            raise PredictError(str(e)) from None
-        finally:
-            ckpt.close()
-        state = train.create_train_state(model, variables, tx, "fusion", learning_rate=0.0)
+        variables, _ = runs.restore(run, f.name, "fusion", checkpoint)
         scores[f.name] = metrics.to_score_units(
-            train.evaluate(state, data, plan, indices)["fused"], config.data.score_max)
+            runs.evaluate(run, variables, indices, "fusion", plan=plan)["fused"], score_max)
         per_video: dict[int, np.ndarray] = {}
         for batch in plan:
-            inputs, valid = input_pipeline.gather_eval_batch(data, batch.idx, batch.length)
-            w, v = jax.device_get(_csfb_weights(model, variables, inputs, valid))
+            inputs, valid = input_pipeline.gather_eval_batch(run.data, batch.idx, batch.length)
+            w, v = jax.device_get(_csfb_weights(run.model, variables, inputs, valid))
             for row in range(batch.count):
                 keep = np.asarray(v[stage - 1][row], bool)
                 per_video[int(batch.idx[row])] = np.asarray(w[stage - 1][row])[keep]
         weights[f.name] = [per_video[i] for i in indices]
 
     rows = []
-    seconds = (float(dataset.metadata["segment_length"]) / float(dataset.metadata["fps"])
-               * 2 ** stage)
-    output_dir = output_dir or os.path.join(workdir, "predictions")
+    metadata = run.dataset.metadata
+    seconds = (float(metadata["segment_length"]) / float(metadata["fps"]) * 2 ** stage)
+    output_dir = output_dir or os.path.join(run.workdir, "predictions")
     plotted = _videos_to_plot([float(s["score"]) for s in samples], max_plots) if plots else set()
     for i, s in enumerate(samples):
         vid = s["video_id"]
@@ -165,12 +143,11 @@ def predict(workdir: str, data_dir: str | None = None, name: str | None = None,
         if i in plotted:
             w = np.mean([weights[u][i] for u in used], axis=0)
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", vid)
-            reporting.plot_modality_weights(
-                w, list(modalities), os.path.join(output_dir, f"csfb_{safe}.png"),
+            plots_lib.plot_modality_weights(
+                w, modalities, os.path.join(output_dir, f"csfb_{safe}.png"),
                 seconds_per_step=seconds,
                 title=f"{vid}: CSFB stage {stage} weights (predicted {row['predicted_score']:.2f})")
-    reporting.atomic_write(os.path.join(output_dir, "predictions.csv"),
-                            reporting.csv_table(rows))
+    atomic_write(os.path.join(output_dir, "predictions.csv"), tables.csv_table(rows))
     return rows
 
 
@@ -184,9 +161,8 @@ def main(argv):
     try:
         rows = predict(FLAGS.workdir, FLAGS.data_dir, FLAGS.name, FLAGS.fold, FLAGS.checkpoint,
                        FLAGS.stage, FLAGS.output_dir, FLAGS.plots, FLAGS.max_plots)
-    except (PredictError, feature_dataset.DatasetError, splits.SplitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.UserError as e:
+        return errors.report(e)
     for r in rows:
         print(f"{r['video_id']}\t{r['predicted_score']:.3f}\t(dataset score "
               f"{r['dataset_score']:.2f}; {r['models']})")

@@ -125,7 +125,7 @@ def make_jigsaws(root, task="Suturing", trials=(("B", 1, 300), ("C", 2, 330), ("
 
 def dataset_contents(data_dir, name):
     """(metadata, {video_id: sample}) of a written feature dataset."""
-    from surgfusion_jax.feature_dataset import load_feature_dataset
+    from surgfusion_jax.data.feature_dataset import load_feature_dataset
     ds = load_feature_dataset(str(data_dir), name)
     return ds.metadata, {s["video_id"]: s for s in ds.samples}
 

@@ -4,12 +4,15 @@ import os
 
 import pytest
 
-from configs import demo
-from surgfusion_jax import main
+from data_prep import synthskill_setup
+from surgfusion_jax import config_lib, main
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "demo.py")
 
 
 def test_demo_path_end_to_end(tmp_path, capsys):
-    config = demo.get_config("small")
+    config = config_lib.load_config_file(DEMO, "small")
     config.workdir = str(tmp_path / "run")
     config.data.data_dir = str(tmp_path / "features")
     config.compilation_cache_dir = ""
@@ -24,6 +27,10 @@ def test_demo_path_end_to_end(tmp_path, capsys):
     for phase in (config.unimodal, config.fusion):
         phase.num_epochs = 2
 
+    # Without its features, the training entry point names the prep command (exit 2).
+    assert main.run(config) == 2
+    assert "python -m data_prep.synthskill_setup" in capsys.readouterr().err
+    synthskill_setup.ensure_features(config, progress=False)  # `make demo`'s first step
     assert main.run(config) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
@@ -43,6 +50,7 @@ def test_demo_path_end_to_end(tmp_path, capsys):
     assert meta["source"] == "synthskill" and meta["image_size"] == 32
 
     # A second run reuses the rendered videos, the features and the finished checkpoints.
+    synthskill_setup.ensure_features(config, progress=False)
     assert main.run(config) == 0
     assert json.loads((run / "results.json").read_text())["summary"] == results["summary"]
 
@@ -53,12 +61,13 @@ def test_full_demo_learns_skill(tmp_path):
     models must rank held-out surgeons' videos, and fusion must not fall far behind the
     best single modality (3 seeds measured: fused final SCC 0.68-0.79, best branch
     0.64-0.80)."""
-    config = demo.get_config()
+    config = config_lib.load_config_file(DEMO)
     config.workdir = str(tmp_path / "run")
     config.data.data_dir = str(tmp_path / "features")
     config.synthskill.out_dir = str(tmp_path / "synthskill")
     config.compilation_cache_dir = ""
     config.progress_bar = False
+    synthskill_setup.ensure_features(config, progress=False)
     assert main.run(config) == 0
     summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
     final = {m: summary[m]["final"]["scc_mean"] for m in summary}

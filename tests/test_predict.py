@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from surgfusion_jax import checkpoints, cross_validation as cv, feature_dataset as fd
-from surgfusion_jax import predict, splits, train
+from surgfusion_jax import config_lib as default
+from surgfusion_jax.data import feature_dataset as fd
+from surgfusion_jax.training import checkpoints, cross_validation as cv
+from surgfusion_jax import predict
+from surgfusion_jax.data import splits
+from surgfusion_jax.training import train
 
 DIM, LENGTH, N = 8, 13, 6
 META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))

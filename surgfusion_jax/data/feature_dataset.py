@@ -1,0 +1,223 @@
+"""The feature dataset shared by the prep stage (writer) and training (reader).
+
+One TFDS dataset in TFRecord format per prepared video collection, at
+`<data_dir>/<name>/<VERSION>/`. One example per sample (docs/design.md §1):
+
+  video_id, surgeon_id, task, phase, source_video : text
+  score           float32  skill score in score units (GEARS total / M-GEARS)
+  item_scores     float32 [n_items]  (JIGSAWS: six GRS items; may be empty)
+  supertrial      int32    JIGSAWS trial number 1-5 (0 when unknown)
+  num_segments    int32
+  rgb, flow, mask float32 [num_segments, feature_dim]  (the modalities present)
+
+Dataset-level metadata (backbone, fps, flow bound, segment length, input size, prep
+version, modalities, score range) is stored in the TFDS `DatasetInfo.metadata` and
+returned by `load_feature_dataset`.
+
+Writes are atomic: the dataset is assembled in a hidden sibling folder and moved into
+place in one rename, so a reader never sees a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from surgfusion_jax import errors
+
+# The one home of the modality names and the backbone feature width.
+MODALITIES = ("rgb", "flow", "mask")
+FEATURE_DIM = 1024
+VERSION = "1.0.0"
+TEXT_FIELDS = ("video_id", "surgeon_id", "task", "phase", "source_video")
+REQUIRED_METADATA = ("backbone", "fps", "segment_length", "modalities")
+PREP_HINT = (
+    "Create it with the prep stage, e.g. `python -m data_prep.prepare --manifest=<csv> "
+    "--data_dir=<dir> --name=<dataset>` or `python -m data_prep.prepare "
+    "--jigsaws_root=<dir> --task=Suturing --data_dir=<dir>` (see README, 'Your own data').")
+
+
+class DatasetError(errors.UserError, ValueError):
+    """A feature dataset is missing or malformed; the message names the fix."""
+
+
+@dataclasses.dataclass
+class FeatureDataset:
+    """An in-memory feature dataset: a list of samples and the dataset metadata."""
+
+    name: str
+    path: str
+    samples: list[dict[str, Any]]
+    metadata: dict[str, Any]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.metadata["modalities"])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def dataset_path(data_dir: str, name: str) -> str:
+    return os.path.join(os.fspath(data_dir), name, VERSION)
+
+
+def _features(modalities: Sequence[str], feature_dim: int):
+    import tensorflow_datasets as tfds
+
+    spec: dict[str, Any] = {k: tfds.features.Text() for k in TEXT_FIELDS}
+    spec.update(
+        score=tfds.features.Scalar(dtype=np.float32),
+        item_scores=tfds.features.Tensor(shape=(None,), dtype=np.float32),
+        supertrial=tfds.features.Scalar(dtype=np.int32),
+        num_segments=tfds.features.Scalar(dtype=np.int32),
+    )
+    for m in modalities:
+        spec[m] = tfds.features.Tensor(shape=(None, feature_dim), dtype=np.float32)
+    return tfds.features.FeaturesDict(spec)
+
+
+def _normalise_example(ex: Mapping[str, Any], modalities: Sequence[str],
+                       feature_dim: int) -> dict[str, Any]:
+    vid = ex.get("video_id", "?")
+    out: dict[str, Any] = {k: str(ex.get(k, "") or "") for k in TEXT_FIELDS}
+    if not out["video_id"]:
+        raise DatasetError("feature example without a video_id")
+    if not out["source_video"]:
+        out["source_video"] = out["video_id"]
+    out["score"] = np.float32(ex["score"])
+    out["item_scores"] = np.asarray(ex.get("item_scores", ()), np.float32).reshape(-1)
+    out["supertrial"] = np.int32(ex.get("supertrial", 0) or 0)
+    lengths = set()
+    for m in modalities:
+        if m not in ex:
+            raise DatasetError(f"sample {vid!r}: modality {m!r} missing from the example.")
+        feats = np.asarray(ex[m], np.float32)
+        if feats.ndim != 2 or feats.shape[1] != feature_dim:
+            raise DatasetError(
+                f"sample {vid!r}: {m} features have shape {feats.shape}, expected "
+                f"[num_segments, {feature_dim}].")
+        if not np.all(np.isfinite(feats)):
+            raise DatasetError(f"sample {vid!r}: {m} features contain NaN or inf.")
+        out[m] = feats
+        lengths.add(feats.shape[0])
+    if len(lengths) != 1:
+        raise DatasetError(f"sample {vid!r}: modalities have different segment counts {lengths}.")
+    out["num_segments"] = np.int32(lengths.pop())
+    if out["num_segments"] < 1:
+        raise DatasetError(f"sample {vid!r}: no segments.")
+    return out
+
+
+def write_feature_dataset(
+    data_dir: str,
+    name: str,
+    examples: Iterable[Mapping[str, Any]],
+    metadata: Mapping[str, Any],
+    *,
+    feature_dim: int = FEATURE_DIM,
+) -> str:
+    """Writes `examples` as the TFDS dataset `<data_dir>/<name>`; returns its path.
+
+    `metadata` must hold at least backbone, fps, segment_length and modalities; it is
+    stored as given (plus feature_dim). An existing dataset of that name is replaced
+    atomically only once the new one is complete.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise DatasetError(f"dataset metadata lacks {missing}")
+    modalities = tuple(metadata["modalities"])
+    unknown = set(modalities) - set(MODALITIES)
+    if not modalities or unknown:
+        raise DatasetError(f"metadata 'modalities' must be a non-empty subset of {MODALITIES}, "
+                           f"got {modalities}")
+    meta = dict(metadata, modalities=list(modalities), feature_dim=feature_dim)
+    features = _features(modalities, feature_dim)
+
+    root = os.path.join(os.fspath(data_dir), name)
+    os.makedirs(data_dir, exist_ok=True)
+    staging_root = os.path.join(os.fspath(data_dir), f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(staging_root, VERSION)
+    os.makedirs(staging)
+    try:
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=staging, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name=name, split="train", filetype_suffix="tfrecord")
+        shard = template.sharded_filepath(shard_index=0, num_shards=1)
+        count, seen = 0, set()
+        with tf.io.TFRecordWriter(os.fspath(shard)) as writer:
+            for ex in examples:
+                ex = _normalise_example(ex, modalities, feature_dim)
+                if ex["video_id"] in seen:
+                    raise DatasetError(f"duplicate video_id {ex['video_id']!r}")
+                seen.add(ex["video_id"])
+                writer.write(features.serialize_example(ex))
+                count += 1
+        if count == 0:
+            raise DatasetError(f"no examples to write for dataset {name!r}")
+        split = tfds.core.SplitInfo(name="train", shard_lengths=[count],
+                                    num_bytes=os.path.getsize(shard))
+        tfds.folder_dataset.write_metadata(
+            data_dir=staging, features=features, split_infos=[split], filename_template=template,
+            description=f"surgfusion-jax feature dataset {name}",
+            metadata=tfds.core.MetadataDict(meta), check_data=False)
+        # Plain JSON copy for humans and tools without TFDS.
+        with open(os.path.join(staging, "surgfusion_metadata.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+        backup = None
+        if os.path.exists(root):
+            backup = f"{staging_root}.old"
+            os.replace(root, backup)
+        os.replace(staging_root, root)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return dataset_path(data_dir, name)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+def load_feature_dataset(data_dir: str, name: str) -> FeatureDataset:
+    """Reads the whole dataset into host memory (features are small: [T, 1024] per video).
+
+    Raises:
+      DatasetError naming the path and the prep command when it is missing or broken.
+    """
+    path = dataset_path(data_dir, name)
+    info_file = os.path.join(path, "dataset_info.json")
+    if not os.path.exists(info_file):
+        raise DatasetError(f"No feature dataset {name!r} under {os.fspath(data_dir)!r} "
+                           f"(expected {info_file}). {PREP_HINT}")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder_from_directory(path)
+        meta = dict(builder.info.metadata or {})
+        ds = builder.as_dataset(split="train", shuffle_files=False)
+        samples = [{k: _decode(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+    except (tf.errors.OpError, ValueError, KeyError, OSError) as e:
+        raise DatasetError(f"Feature dataset at {path!r} cannot be read ({type(e).__name__}: "
+                           f"{str(e)[:300]}). Delete it and re-run the prep stage. {PREP_HINT}") from e
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise DatasetError(f"Feature dataset at {path!r} has no metadata fields {missing}; it was "
+                           f"not written by data_prep. {PREP_HINT}")
+    if not samples:
+        raise DatasetError(f"Feature dataset at {path!r} is empty. {PREP_HINT}")
+    samples.sort(key=lambda s: s["video_id"])
+    return FeatureDataset(name=name, path=path, samples=samples, metadata=meta)

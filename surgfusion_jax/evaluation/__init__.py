@@ -1,0 +1,1 @@
+"""Metrics, the results summary, tables, figures and the paper's own numbers."""

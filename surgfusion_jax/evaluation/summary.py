@@ -1,0 +1,175 @@
+"""The one summary of cross-validation results: per model and protocol, mean ± std over folds.
+
+Results dict (written to `<workdir>/results.json`; NaN/inf are stored as null):
+
+  {
+    'config':  {...},                      # the run's config as a plain dict
+    'dataset': 'RAH-skill', 'scheme': 'kfold', 'seed': 0, 'score_max': 30.0,   # optional
+    'folds': [
+      {'name': 'fold_1', 'train': [video ids], 'test': [video ids],          # ids optional
+       'models': {
+         'rgb' | 'flow' | 'mask' | 'fused' | <any variant name>: {
+           'history': [{'epoch': 1, 'scc': float, 'mae': float,              # test fold, MAE in score units
+                        'val_scc': float, 'val_mae': float, 'loss': float}, ...],   # val_*/loss optional
+           'predictions': {'final' | 'checkpoint_best':
+                           {'epoch': int, 'video_ids': [...], 'true': [...], 'pred': [...]}},
+         }}},                                                                # optional, score units
+      ...],
+    'summary': {model: {protocol: {'scc_mean', 'scc_std', 'mae_mean', 'mae_std', 'n_folds',
+                                   'per_fold': [{'fold', 'epoch', 'scc', 'mae'}]}}},
+    'paper':   {model: {'scc': float | None, 'mae': float | None}},         # optional
+  }
+
+`summarise(folds, source=...)` reads one (SCC, MAE) per fold and protocol, then takes the
+mean and population std over folds (`metrics.mean_std`), from either source:
+
+  source='history' (a training run's results.json; docs/design.md §5):
+    * 'paper'        the epoch with the best test-fold SCC and that epoch's MAE: the
+                     paper's protocol ("the best SCC and its corresponding MAE", §IV-A).
+                     It selects on the test fold and is optimistic.
+    * 'final'        the last epoch (no selection).
+    * 'val-selected' the epoch with the best inner-validation SCC (`val_scc`); present
+                     only when every history entry of every fold has one.
+    Ties go to the earliest epoch; NaN SCCs are never selected.
+  source='predictions' (the experiment tables, which must come out the same when
+    recomputed from checkpoints): SCC and MAE recomputed from the saved test predictions
+    of the 'best' checkpoint ('paper') and of the last epoch ('final').
+
+`across_tasks` combines per-task summaries into Table I's "Across Tasks" row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from surgfusion_jax.evaluation import metrics, tables
+from surgfusion_jax.io import read_json, to_jsonable, write_json, atomic_write
+
+PROTOCOLS = ("paper", "final", "val-selected")
+MODEL_ORDER = ("rgb", "flow", "mask", "fused")
+# Protocol -> key of the saved predictions it reads (source='predictions').
+PREDICTION_KEYS = {"paper": "checkpoint_best", "final": "final"}
+SOURCES = ("history", "predictions")
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _select(history: Sequence[Mapping[str, Any]], protocol: str) -> Mapping[str, Any] | None:
+    if not history:
+        return None
+    entries = sorted(history, key=lambda h: h["epoch"])
+    if protocol == "final":
+        return entries[-1]
+    key = "scc" if protocol == "paper" else "val_scc"
+    if any(key not in h for h in entries):
+        return None
+    scores = np.array([_num(h[key]) for h in entries])
+    if np.all(np.isnan(scores)):
+        return entries[-1]
+    return entries[int(np.nanargmax(scores))]  # first maximum = earliest epoch
+
+
+def _reading(record: Mapping[str, Any] | None, protocol: str, source: str
+             ) -> dict[str, Any] | None | bool:
+    """(epoch, scc, mae) of one fold; None when the fold lacks the model (skipped); False
+    when the protocol does not apply to it (the protocol is dropped)."""
+    if source == "history":
+        if not record or not record.get("history"):
+            return None
+        chosen = _select(record["history"], protocol)
+        if chosen is None:
+            return False
+        return {"epoch": int(chosen["epoch"]), "scc": _num(chosen.get("scc")),
+                "mae": _num(chosen.get("mae"))}
+    pred = (record or {}).get("predictions", {}).get(PREDICTION_KEYS[protocol])
+    if pred is None:
+        return None
+    p = np.asarray(pred["pred"], np.float64)  # JSON null (NaN) -> nan
+    t = np.asarray(pred["true"], np.float64)
+    return {"epoch": pred["epoch"], "scc": metrics.spearman(p, t), "mae": metrics.mae(p, t)}
+
+
+def summarise(folds: Sequence[Mapping[str, Any]], source: str = "history"
+              ) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model: {protocol: {scc_mean, scc_std, mae_mean, mae_std, n_folds, per_fold}}}."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    protocols = PROTOCOLS if source == "history" else tuple(PREDICTION_KEYS)
+    models: list[str] = []
+    for fold in folds:
+        models += [m for m in fold.get("models", {}) if m not in models]
+    models.sort(key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m))
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for model in models:
+        by_protocol = {}
+        for protocol in protocols:
+            per_fold, complete = [], True
+            for fold in folds:
+                reading = _reading(fold.get("models", {}).get(model), protocol, source)
+                if reading is False:
+                    complete = False
+                    break
+                if reading is not None:
+                    per_fold.append({"fold": fold.get("name"), **reading})
+            if not complete or not per_fold:
+                continue
+            scc_mean, scc_std = metrics.mean_std([p["scc"] for p in per_fold])
+            mae_mean, mae_std = metrics.mean_std([p["mae"] for p in per_fold])
+            by_protocol[protocol] = {"scc_mean": scc_mean, "scc_std": scc_std,
+                                     "mae_mean": mae_mean, "mae_std": mae_std,
+                                     "n_folds": len(per_fold), "per_fold": per_fold}
+        if by_protocol or source == "history":
+            summary[model] = by_protocol
+    return summary
+
+
+def across_tasks(per_task: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Table I's "Across Tasks" entry from per-task {scc_mean, scc_std, mae_mean, mae_std,
+    n_folds}: SCC by the Fisher z mean of the task SCCs (`metrics.fisher_z_mean`), MAE by
+    their arithmetic mean, each SD as the root mean square of the task SDs (the paper's
+    Across-Tasks SDs follow from its task SDs this way, e.g. LOSO SCC 0.076, 0.092, 0.032
+    -> 0.071), folds summed over tasks."""
+    def rms(xs):
+        return float(np.sqrt(np.mean(np.square(xs))))
+
+    return {"scc_mean": metrics.fisher_z_mean([t["scc_mean"] for t in per_task]),
+            "scc_std": rms([t["scc_std"] for t in per_task]),
+            "mae_mean": metrics.fold_mean([t["mae_mean"] for t in per_task]),
+            "mae_std": rms([t["mae_std"] for t in per_task]),
+            "n_folds": int(sum(t["n_folds"] for t in per_task))}
+
+
+# --------------------------------------------------------------------------- files
+
+def write_results(workdir: str, results: Mapping[str, Any],
+                  paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Writes `results.json` and `results.md` into workdir (atomically); fills in 'summary'
+    (from the fold histories) when missing and 'paper' when given. Returns the results as
+    written (plain JSON data, as `load_results` would read them back) under 'results' and
+    the paths under 'json' and 'markdown'."""
+    results = dict(results)
+    if "folds" not in results:
+        raise ValueError("results need a 'folds' list (see the schema in "
+                         "surgfusion_jax/evaluation/summary.py).")
+    if not results.get("summary"):
+        results["summary"] = summarise(results["folds"])
+    if paper is not None:
+        results["paper"] = paper
+    clean = to_jsonable(results)
+    paths = {"json": os.path.join(workdir, "results.json"),
+             "markdown": os.path.join(workdir, "results.md")}
+    write_json(paths["json"], clean)
+    atomic_write(paths["markdown"], tables.results_markdown(clean))
+    return dict(paths, results=clean)
+
+
+def load_results(workdir_or_path: str) -> dict[str, Any]:
+    path = workdir_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    return read_json(path)

@@ -1,0 +1,1 @@
+"""SurgFusion-Net in pure Flax (no I/O): one paper component per module."""

@@ -1,0 +1,233 @@
+"""SurgFusion-Net: unimodal branches + multimodal fusion branch (Section III-B, Fig. 2).
+
+Fusion branch (docs/design.md §2, after MAQA's PAMFN). With the branch stage features
+[x0, x1, x2, x3] of every modality (lengths T, T/2, T/4, 1; lengths round up):
+
+  c = 0, width 3d, length T/2 (the zero-initialised fusion features)
+  stage i = 1, 2, 3:
+    c~ = ResBlock(c)                                         (d wide)
+    s  = CSFB(c~, stage-i outputs x_i)                       (Eqs. 3-5)
+    f  = DFB(c~, s, stage-i inputs x_{i-1})                  (Eqs. 6-10; 0 if use_dfb=False)
+    c  = Concat(c~, s, f)                                    (3d wide)
+    pool c: stride 2 after stage 1, global mean after stage 2 (stage 3 runs at length 1)
+  head: dropout, 1x1 conv 3d -> d/2, BN, ReLU, dropout 0.5, 1x1 conv -> 1, sigmoid.
+
+Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
+(branches in train mode when `train`); phase='fusion' freezes the branches
+(stop_gradient on their features, BatchNorm running averages, branch dropout off,
+regression heads unused) and applies dropout `feature_dropout` to the features fed to
+the fusion branch; phase='all' returns both (use it for `init`).
+
+Everything is masked by `valid` (see `layers`): padded steps do not change any output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from surgfusion_jax.data.feature_dataset import MODALITIES as ALL_MODALITIES
+from surgfusion_jax.models import layers
+from surgfusion_jax.models.branches import UnimodalBranch
+from surgfusion_jax.models.csfb import CrossStageFusionBlock
+from surgfusion_jax.models.dfb import DynamicFusionBlock
+
+Array = jax.Array
+PHASES = ("unimodal", "fusion", "all")
+
+
+class FusionStage(nn.Module):
+    """One fusion stage: ResBlock, CSFB, DFB and concatenation (docs/design.md §2 steps 1-4)."""
+
+    features: int
+    num_candidates: int
+    num_heads: int
+    fusion: str
+    use_dfb: bool
+    attention_dropout: float
+    global_pool: bool
+    dtype: layers.Dtype
+
+    @nn.compact
+    def __call__(self, c: Array, valid: Array, inputs: Sequence[Array], inputs_valid: Array,
+                 outputs: Sequence[Array], *, tau: Array | None, train: bool) -> Array:
+        c = layers.FusionResBlock(self.features, dtype=self.dtype, name="resblock")(
+            c, valid, train=train)
+        s = CrossStageFusionBlock(self.features, self.num_heads, self.fusion,
+                                  self.attention_dropout, dtype=self.dtype, name="csfb")(
+            c, outputs, train=train)
+        if self.use_dfb:
+            f = DynamicFusionBlock(self.features, self.num_candidates, self.num_heads,
+                                   self.fusion, self.attention_dropout, self.global_pool,
+                                   dtype=self.dtype, name="dfb")(
+                c, s, inputs, inputs_valid, tau=tau, train=train)
+        else:  # Table III "CSFB only": a zero placeholder for the DFB output
+            f = jnp.zeros_like(s)
+        return layers.zero_invalid(jnp.concatenate([c, s, f], axis=-1), valid)
+
+
+class FusionBranch(nn.Module):
+    """The multimodal fusion branch and its regression head."""
+
+    features: int = 256
+    num_candidates: int = 10
+    num_heads: int = 2
+    fusion: str = "dra"
+    use_dfb: bool = True
+    feature_dropout: float = 0.5
+    head_dropout: float = 0.0
+    head_hidden_dropout: float = 0.5
+    attention_dropout: float = 0.1
+    tau_init: float = 10.0
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, stages: Sequence[Sequence[Array]], valids: Sequence[Array], *,
+                 train: bool) -> Array:
+        """stages: per modality [x0, x1, x2, x3]; valids: their masks. Returns [B]."""
+        drop = nn.Dropout(self.feature_dropout, deterministic=not train)
+        feats = [[drop(x) for x in per_modality] for per_modality in stages]
+        tau = None
+        if self.use_dfb:  # learned Gumbel temperature, shared by the stages (MAQA)
+            log_tau = self.param("log_tau", nn.initializers.constant(math.log(self.tau_init)),
+                                 ())
+            tau = jnp.exp(log_tau)
+
+        valid = valids[1]
+        c = jnp.zeros(valid.shape + (3 * self.features,), self.dtype)
+        for i in (1, 2, 3):
+            c = FusionStage(self.features, self.num_candidates, self.num_heads, self.fusion,
+                            self.use_dfb, self.attention_dropout, global_pool=(i == 3),
+                            dtype=self.dtype, name=f"stage{i}")(
+                c, valid, [f[i - 1] for f in feats], valids[i - 1], [f[i] for f in feats],
+                tau=tau, train=train)
+            if i < 3:
+                c, valid = layers.pool(c, valid, global_pool=(i == 2))
+
+        h = nn.Dropout(self.head_dropout, deterministic=not train)(c)
+        h = layers.ConvBNAct(self.features // 2, 1, nn.relu, dtype=self.dtype,
+                             name="head_hidden")(h, valid, train=train)
+        h = nn.Dropout(self.head_hidden_dropout, deterministic=not train)(h)
+        y = nn.Dense(1, dtype=self.dtype, name="head_out")(h)
+        return jax.nn.sigmoid(y[:, 0, 0].astype(jnp.float32))
+
+
+class SurgFusionNet(nn.Module):
+    """SurgFusion-Net.
+
+    Attributes:
+      modalities: any non-empty subset of ('rgb', 'flow', 'mask') (Table III).
+      features: model width d (256).
+      num_candidates: K FusionNets per DFB (10).
+      num_heads: attention heads of CSFB and DFB (Table V; 2).
+      fusion: 'dra' | 'vanilla_ca' | 'negative_ca' | 'avg' | 'cat' (Table IV).
+      use_dfb: False = "CSFB only" (DFB output replaced by zeros).
+      embed_features: hidden width of the branch embeddings (512).
+      embed_dropout, branch_head_dropout: unimodal-branch dropouts (0.3, 0.5).
+      feature_dropout: dropout on the frozen unimodal features fed to fusion (0.5).
+      head_dropout, head_hidden_dropout: fusion-head dropouts (0.0 = MAQA's fc_drop, 0.5).
+      attention_dropout: attention-weight dropout in CSFB/DFB (0.1, MAQA).
+      tau_init: initial Gumbel temperature (10, MAQA); learned as `fusion/log_tau`.
+      dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
+
+    Call: `model.apply(variables, inputs, valid, train=..., phase=...)` with `inputs`
+    a dict modality -> [B, T, F] and `valid` [B, T] bool (None: all valid). Returns
+    {modality: score [B]} (phase 'unimodal'), {'fused': score [B]} ('fusion'), or both
+    ('all'); scores are float32 in (0, 1). RNG streams when train: 'dropout', 'gumbel'.
+    Mutable collections: 'batch_stats' (train), 'intermediates' (sown attention
+    weights, see `csfb_modality_weights`).
+    """
+
+    modalities: Sequence[str] = ALL_MODALITIES
+    features: int = 256
+    num_candidates: int = 10
+    num_heads: int = 2
+    fusion: str = "dra"
+    use_dfb: bool = True
+    embed_features: int = 512
+    embed_dropout: float = 0.3
+    branch_head_dropout: float = 0.5
+    feature_dropout: float = 0.5
+    head_dropout: float = 0.0
+    head_hidden_dropout: float = 0.5
+    attention_dropout: float = 0.1
+    tau_init: float = 10.0
+    dtype: layers.Dtype = jnp.float32
+
+    def _check(self, inputs: Mapping[str, Array], phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"SurgFusionNet: phase must be one of {PHASES}, got {phase!r}.")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"SurgFusionNet.modalities must be a non-empty list of distinct "
+                             f"names from {ALL_MODALITIES}, got {self.modalities!r}.")
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise KeyError(f"SurgFusionNet: inputs lack modalities {missing} (model "
+                           f"modalities {tuple(self.modalities)}, inputs {sorted(inputs)}); "
+                           "prepare them or drop them from the config's `modalities`.")
+        shapes = {m: tuple(inputs[m].shape[:2]) for m in self.modalities}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"SurgFusionNet: modalities disagree in [batch, time]: {shapes}.")
+
+    @nn.compact
+    def __call__(self, inputs: Mapping[str, Array], valid: Array | None = None, *,
+                 train: bool = False, phase: str = "fusion") -> dict[str, Array]:
+        self._check(inputs, phase)
+        branches = {m: UnimodalBranch(self.features, self.embed_features, self.embed_dropout,
+                                      self.branch_head_dropout, dtype=self.dtype,
+                                      name=f"branch_{m}")
+                    for m in self.modalities}
+        out = {}
+        # Fusion first: in phase 'all' it must read the running BN statistics before the
+        # unimodal pass (train) updates them, so 'all' = 'fusion' + 'unimodal' exactly.
+        if phase in ("fusion", "all"):
+            stages, valids = [], None
+            for m, branch in branches.items():
+                # Frozen branch: running BN statistics, no dropout, no gradient.
+                _, feats, valids = branch(inputs[m], valid, train=False)
+                stages.append([jax.lax.stop_gradient(x) for x in feats])
+            out["fused"] = FusionBranch(
+                self.features, self.num_candidates, self.num_heads, self.fusion, self.use_dfb,
+                self.feature_dropout, self.head_dropout, self.head_hidden_dropout,
+                self.attention_dropout, self.tau_init, dtype=self.dtype, name="fusion")(
+                stages, valids, train=train)
+        if phase in ("unimodal", "all"):
+            for m, branch in branches.items():
+                out[m], _, _ = branch(inputs[m], valid, train=train)
+        return out
+
+
+def csfb_weights_from_intermediates(intermediates: Mapping) -> list[Array]:
+    """Per-stage CSFB modality weights [B, T_i, M] from a model's sown `intermediates`."""
+    fusion = intermediates["fusion"]
+    weights = []
+    for i in (1, 2, 3):
+        w = fusion[f"stage{i}"]["csfb"]["attention"]["attention_weights"][0]  # [B,T,h,1,M]
+        weights.append(jnp.mean(w, axis=-3)[..., 0, :])
+    return weights
+
+
+def csfb_modality_weights(model: SurgFusionNet, variables: Mapping, inputs: Mapping[str, Array],
+                          valid: Array | None = None) -> list[Array]:
+    """CSFB attention over modalities per time step (Fig. 4), in eval mode.
+
+    Args:
+      model: a `SurgFusionNet`.
+      variables: its variables ('params', 'batch_stats'; others are ignored).
+      inputs, valid: as for the model.
+
+    Returns:
+      One array per fusion stage, [B, T_i, M] with T_i = ceil(T/2), ceil(T/4), 1,
+      averaged over heads; each row sums to 1 over the modalities (in the order of
+      `model.modalities`). Only steps valid at stage i (`layers.stage_valids(valid)[i]`)
+      are meaningful. Wrap in `jax.jit(functools.partial(csfb_modality_weights, model))`
+      when calling it repeatedly.
+    """
+    variables = {k: v for k, v in variables.items() if k != "intermediates"}
+    _, state = model.apply(variables, inputs, valid, train=False, phase="fusion",
+                           mutable=["intermediates"])
+    return csfb_weights_from_intermediates(state["intermediates"])

@@ -1,0 +1,1 @@
+"""Two-phase training, checkpoints, cross-validation and finished-run loading."""

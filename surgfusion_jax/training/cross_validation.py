@@ -1,0 +1,244 @@
+"""Cross-validated two-phase training of SurgFusion-Net (paper §IV-A/B; docs/design.md §4-5).
+
+`run_cross_validation(config, workdir)`:
+  1. loads the feature dataset once and keeps it on the device (`input_pipeline`);
+  2. makes the folds (`splits.make_splits`: JIGSAWS LOSO/LOUO/k-fold, RAH/RARP k-fold,
+     grouped by source video, seeded) and saves them as `<workdir>/splits.json` (a
+     resumed run reuses that file);
+  3. per fold: phase (a) 'unimodal', then phase (b) 'fusion' initialised from phase
+     (a)'s checkpoint of the same fold (`config.fusion.init_from`: 'last', default, or
+     'best', the test-selected epoch as in MAQA's code, which leaks test information
+     into the fusion phase). Both phases evaluate the test fold (and the inner
+     validation split when `cv.inner_val_fraction` > 0) after every epoch;
+  4. writes `results.json` / `results.md` (`evaluation.summary.write_results`) with the paper
+     protocol (best test-fold epoch's SCC and its MAE), the final epoch and, with an
+     inner validation split, the validation-selected epoch, averaged over folds.
+
+Workdir layout:
+  config.json           the run's config (a resumed run must match it)
+  splits.json           the folds (video ids)
+  checkpoints/<fold>/<phase>/{last,best}/   orbax (see `checkpoints`)
+  tensorboard/<fold>/<phase>/               scalars per epoch
+  results.json, results.md
+
+PRNG keys: fold k uses fold_in(PRNGKey(seed), k); its parameters are initialised with
+fold_in(that, 0) and phase p (0 unimodal, 1 fusion) trains with fold_in(that, p + 1).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from surgfusion_jax import errors
+from surgfusion_jax.data import feature_dataset, splits
+from surgfusion_jax.evaluation import metrics, paper_results, summary
+from surgfusion_jax.io import read_json, to_jsonable, write_json
+from surgfusion_jax.training import checkpoints, runs, tensorboard, train
+
+# Fields that may differ between a run and its resumption (they change no number).
+RUNTIME_FIELDS = ("workdir", "debug", "progress_bar", "compilation_cache_dir", "csfb_plots")
+
+
+class ConfigError(errors.UserError, ValueError):
+    """A config value is invalid; the message names the field and the fix."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the values `run_cross_validation` relies on; raises ConfigError."""
+    def need(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config.{field}: {message} (set it with --config.{field}=...).")
+
+    need(bool(config.data.name), "data.name", "empty; name the feature dataset to train on")
+    need(config.data.score_max > 0, "data.score_max", f"must be > 0, got {config.data.score_max}")
+    need(config.data.window >= 1, "data.window", f"must be >= 1, got {config.data.window}")
+    mods = tuple(config.data.modalities)
+    need(bool(mods) and set(mods) <= set(feature_dataset.MODALITIES)
+         and len(set(mods)) == len(mods), "data.modalities",
+         f"must be distinct names from {feature_dataset.MODALITIES}, got {mods}")
+    need(config.cv.scheme in splits.SCHEMES, "cv.scheme",
+         f"must be one of {splits.SCHEMES}, got {config.cv.scheme!r}")
+    need(0.0 <= config.cv.inner_val_fraction < 1.0, "cv.inner_val_fraction",
+         f"must lie in [0, 1), got {config.cv.inner_val_fraction}")
+    need(config.model.fusion in ("avg", "cat", "vanilla_ca", "negative_ca", "dra"),
+         "model.fusion", f"unknown fusion strategy {config.model.fusion!r}")
+    need(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+         f"must be float32, bfloat16 or float16, got {config.model.dtype!r}")
+    need(config.model.features % max(config.model.num_heads, 1) == 0 and
+         config.model.num_heads >= 1, "model.num_heads",
+         f"must be >= 1 and divide model.features={config.model.features}")
+    need(config.fusion.init_from in ("last", "best"), "fusion.init_from",
+         f"must be 'last' or 'best', got {config.fusion.init_from!r}")
+    for phase in train.PHASES:
+        cfg = config[phase]
+        need(cfg.num_epochs >= 1, f"{phase}.num_epochs", f"must be >= 1, got {cfg.num_epochs}")
+        need(cfg.batch_size >= 1, f"{phase}.batch_size", f"must be >= 1, got {cfg.batch_size}")
+        need(0 < cfg.end_learning_rate <= cfg.learning_rate, f"{phase}.end_learning_rate",
+             f"must lie in (0, learning_rate={cfg.learning_rate}], got {cfg.end_learning_rate}")
+    for field in ("eval_batch_size", "min_bucket", "checkpoint_every_epochs"):
+        need(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
+
+
+def run_config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as JSON data, without the runtime-only fields."""
+    data = to_jsonable(config.to_dict())
+    return {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
+
+
+def resolve_workdir(config: ml_collections.ConfigDict) -> str:
+    return config.workdir or os.path.join("runs", config.data.name)
+
+
+def _check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(workdir, "config.json")
+    current = run_config_dict(config)
+    if os.path.exists(path):
+        saved = read_json(path)
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ConfigError(f"workdir {workdir!r} holds a run with another config (differs in "
+                              f"{diff}); resume with the same config or choose a new "
+                              "--config.workdir.")
+    write_json(path, current, sort_keys=True)
+
+
+def load_folds(workdir: str, config: ml_collections.ConfigDict,
+               samples: list[dict[str, Any]]) -> list[splits.Fold]:
+    """The saved `splits.json` of the run, made (and saved) on first use."""
+    path = os.path.join(workdir, "splits.json")
+    if os.path.exists(path):
+        return splits.load_splits(path)
+    scheme = config.cv.scheme
+    folds = splits.make_splits(samples, scheme, config.cv.num_folds if scheme == "kfold" else None,
+                               seed=config.cv.seed, setup_dir=config.cv.setup_dir or None)
+    splits.save_splits(folds, path, {"scheme": scheme, "seed": config.cv.seed,
+                                     "dataset": config.data.name})
+    return folds
+
+
+def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None = None
+                         ) -> tuple[dict[str, Any], runs.RunData]:
+    """Trains and evaluates every fold; returns (results as written to results.json, the
+    run's data in memory for `predict`; `evaluation.summary` has the results schema).
+
+    Raises errors.UserError subclasses (a missing/broken dataset, ConfigError,
+    splits.SplitError) and errors.StopRequested (debug.stop_after_epochs reached).
+    """
+    validate_config(config)
+    workdir = workdir or resolve_workdir(config)
+    dataset = feature_dataset.load_feature_dataset(config.data.data_dir, config.data.name)
+    missing = [m for m in config.data.modalities if m not in dataset.modalities]
+    if missing:
+        raise ConfigError(f"config.data.modalities: {missing} not in dataset {dataset.path!r} "
+                          f"(it has {list(dataset.modalities)}); drop them with "
+                          f"--config.data.modalities or prepare them.")
+    os.makedirs(workdir, exist_ok=True)
+    _check_or_write_config(workdir, config)
+    folds = load_folds(workdir, config, dataset.samples)
+    selected = set(config.cv.folds or range(1, len(folds) + 1))
+    if not selected <= set(range(1, len(folds) + 1)):
+        raise ConfigError(f"config.cv.folds: {sorted(selected)} are not all fold numbers of "
+                          f"this run (1..{len(folds)}); fix --config.cv.folds.")
+    run = runs.prepare(config, workdir, dataset, folds)
+    budget = train.EpochBudget(config.debug.stop_after_epochs or None)
+    fold_results = [run_fold(run, k, fold, budget) for k, fold in run.selected_folds()]
+    results = {"config": run_config_dict(config), "dataset": config.data.name,
+               "scheme": config.cv.scheme, "seed": config.seed,
+               "score_max": config.data.score_max, "folds": fold_results}
+    written = summary.write_results(workdir, results, paper=_paper_numbers(config))
+    return written["results"], run
+
+
+def _paper_numbers(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The paper's numbers for this dataset/scheme (default model only)."""
+    m = config.model
+    if (not config.data.get("paper_dataset")
+            or (m.fusion, m.use_dfb, m.num_heads) != ("dra", True, 2)):
+        return None
+    try:
+        return paper_results.reference_scores(
+            config.data.paper_dataset, config.cv.scheme, task=config.data.get("paper_task") or None,
+            modalities=tuple(config.data.modalities))
+    except paper_results.PaperLookupError:
+        return None
+
+
+def run_fold(run: runs.RunData, k: int, fold: splits.Fold, budget: train.EpochBudget
+             ) -> dict[str, Any]:
+    """Both phases of fold `k`; returns its fold record (`evaluation.summary` schema)."""
+    config, samples = run.config, run.samples
+    train_ids, val_ids = list(fold.train), []
+    if config.cv.inner_val_fraction > 0:
+        train_ids, val_ids = splits.inner_validation_split(
+            fold.train, samples, config.cv.inner_val_fraction, seed=config.cv.seed + k)
+    train_idx = np.array([run.position[v] for v in train_ids])
+    eval_sets = {"test": run.eval_set(fold.test)}
+    if val_ids:
+        eval_sets["val"] = run.eval_set(val_ids)
+    test_ids = [samples[i]["video_id"] for i in eval_sets["test"].indices]
+    fold_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), k)
+    variables = train.init_variables(run.model, jax.random.fold_in(fold_key, 0), run.feature_dim)
+    record: dict[str, Any] = {"name": fold.name, "train": train_ids, "val": val_ids,
+                              "test": list(fold.test), "models": {}}
+    for p, phase in enumerate(train.PHASES):
+        cfg = config[phase]
+        if p > 0 and config.fusion.init_from == "best":
+            variables, _ = runs.restore(run, fold.name, train.PHASES[p - 1], "best")
+        # init_from 'last': `variables` already holds the previous phase's final state
+        state = train.create_train_state(run.model, variables,
+                                         train.make_optimizer(phase, cfg), phase,
+                                         learning_rate=cfg.learning_rate,
+                                         loss_alpha=config.loss_alpha)
+        ckpt = checkpoints.PhaseCheckpoints(run.checkpoint_dir(fold.name, phase))
+        writer = tensorboard.SummaryWriter(
+            os.path.join(run.workdir, "tensorboard", fold.name, phase))
+        try:
+            state, meta = train.run_phase(
+                state, run.data, rng=jax.random.fold_in(fold_key, p + 1),
+                num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, window=config.data.window,
+                train_idx=train_idx, eval_sets=eval_sets, score_max=config.data.score_max,
+                learning_rate=train.learning_rate_schedule(cfg),
+                checkpoints=ckpt, checkpoint_every=config.checkpoint_every_epochs,
+                writer=writer, desc=f"{fold.name} {phase}", progress=config.progress_bar,
+                budget=budget)
+        finally:
+            writer.close()
+            ckpt.close()
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        final = runs.evaluate(run, variables, eval_sets["test"].indices, phase,
+                              plan=eval_sets["test"].plan)
+        record["models"].update(_model_records(meta, final, eval_sets["test"], test_ids,
+                                               config.data.score_max))
+    return record
+
+
+def _model_records(meta: Mapping[str, Any], final: Mapping[str, np.ndarray],
+                   test: train.EvalSet, video_ids: list[str], score_max: float
+                   ) -> dict[str, Any]:
+    """Per head: the reporting history (test scc/mae, val_scc/val_mae, loss) and the test
+    predictions (score units) of the final epoch and of the best (checkpointed) epoch."""
+    records = {}
+    history = meta["history"]
+    for head in final:
+        rows = []
+        for entry in history:
+            row = {"epoch": entry["epoch"], "loss": entry["loss"],
+                   "scc": entry["test"][head]["scc"], "mae": entry["test"][head]["mae"]}
+            if "val" in entry:
+                row.update(val_scc=entry["val"][head]["scc"], val_mae=entry["val"][head]["mae"])
+            rows.append(row)
+        best = meta["best"]
+        preds = {"final": {"epoch": history[-1]["epoch"], "video_ids": video_ids,
+                           "true": test.scores.tolist(),
+                           "pred": metrics.to_score_units(final[head], score_max).tolist()}}
+        if best.get("predictions"):
+            preds["checkpoint_best"] = {"epoch": best["epoch"], "video_ids": video_ids,
+                                        "true": test.scores.tolist(),
+                                        "pred": list(best["predictions"][head])}
+        records[head] = {"history": rows, "predictions": preds}
+    return records

@@ -1,0 +1,130 @@
+"""Results summary (protocols against a hand computation), files, tables and figures."""
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from surgfusion_jax.evaluation import plots, summary, tables
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hist(sccs, maes, val=None):
+    out = []
+    for i, (s, m) in enumerate(zip(sccs, maes)):
+        h = {"epoch": i + 1, "scc": s, "mae": m}
+        if val is not None:
+            h["val_scc"] = val[i]
+        out.append(h)
+    return out
+
+
+def fake_folds():
+    return [
+        {"name": "fold_1", "models": {
+            "rgb": {"history": hist([0.5, 0.8, 0.7], [3.0, 2.0, 2.5], val=[0.1, 0.2, 0.3])},
+            "fused": {"history": hist([0.6, 0.9, 0.9], [2.0, 1.5, 1.4], val=[0.9, 0.1, 0.1])}}},
+        {"name": "fold_2", "models": {
+            "rgb": {"history": hist([0.4, float("nan"), 0.6], [4.0, 9.0, 3.0], val=[0.5, 0.4, 0.3])},
+            "fused": {"history": hist([0.7, 0.5, 0.6], [1.0, 2.0, 1.8], val=[0.2, 0.3, 0.25])}}},
+    ]
+
+
+def test_summarise_by_hand():
+    s = summary.summarise(fake_folds())
+    assert list(s) == ["rgb", "fused"]
+    rgb = s["rgb"]
+    # paper: fold_1 best epoch 2 (0.8, 2.0); fold_2 NaN skipped, epoch 3 (0.6, 3.0)
+    assert [p["epoch"] for p in rgb["paper"]["per_fold"]] == [2, 3]
+    assert rgb["paper"]["scc_mean"] == pytest.approx(0.7) and rgb["paper"]["scc_std"] == pytest.approx(0.1)
+    assert rgb["paper"]["mae_mean"] == pytest.approx(2.5) and rgb["paper"]["mae_std"] == pytest.approx(0.5)
+    # final: epoch 3 in both (0.7, 2.5) and (0.6, 3.0)
+    assert rgb["final"]["scc_mean"] == pytest.approx(0.65) and rgb["final"]["mae_mean"] == pytest.approx(2.75)
+    # val-selected: fold_1 epoch 3 (0.7, 2.5), fold_2 epoch 1 (0.4, 4.0)
+    assert [p["epoch"] for p in rgb["val-selected"]["per_fold"]] == [3, 1]
+    assert rgb["val-selected"]["scc_mean"] == pytest.approx(0.55)
+    # ties go to the earliest epoch: fused fold_1 best SCC 0.9 at epochs 2 and 3 -> epoch 2 (MAE 1.5)
+    assert s["fused"]["paper"]["per_fold"][0] == {"fold": "fold_1", "epoch": 2, "scc": 0.9, "mae": 1.5}
+    assert s["fused"]["paper"]["mae_mean"] == pytest.approx((1.5 + 1.0) / 2)
+    assert s["fused"]["val-selected"]["per_fold"][1]["epoch"] == 2
+
+
+def test_val_selected_needs_val_scc():
+    folds = fake_folds()
+    for h in folds[1]["models"]["rgb"]["history"]:
+        del h["val_scc"]
+    s = summary.summarise(folds)
+    assert "val-selected" not in s["rgb"] and "val-selected" in s["fused"]
+    assert s["rgb"]["paper"]["n_folds"] == 2
+
+
+def test_across_tasks_fisher_mean_and_rms_sd():
+    per_task = [{"scc_mean": r, "scc_std": sd, "mae_mean": m, "mae_std": 0.0, "n_folds": 5}
+                for r, sd, m in ((0.93, 0.076, 1.88), (0.92, 0.092, 1.49), (0.91, 0.032, 2.13))]
+    across = summary.across_tasks(per_task)
+    assert round(across["scc_mean"], 2) == 0.92 and round(across["mae_mean"], 2) == 1.83  # Table I, ours LOSO
+    assert round(across["scc_std"], 3) == 0.071  # Table I's LOSO Across-Tasks SD from its task SDs
+    assert across["n_folds"] == 15
+
+
+def test_write_results_files(tmp_path):
+    results = {"config": {"lr": np.float32(1e-3), "epochs": 3}, "dataset": "SynthSkill", "scheme": "kfold",
+               "seed": 0, "folds": fake_folds()}
+    results["folds"][0]["models"]["fused"]["predictions"] = {
+        "paper": {"epoch": 2, "video_ids": ["a", "b"], "true": np.array([10.0, 20.0]), "pred": [11.0, 19.0]}}
+    paths = summary.write_results(str(tmp_path / "run"), results, paper={"fused": {"scc": 0.83, "mae": 1.82}})
+    loaded = summary.load_results(str(tmp_path / "run"))
+    assert loaded["summary"]["rgb"]["paper"]["scc_mean"] == pytest.approx(0.7)
+    assert loaded["folds"][1]["models"]["rgb"]["history"][1]["scc"] is None  # NaN -> null
+    assert loaded["config"] == {"lr": pytest.approx(1e-3), "epochs": 3}
+    assert loaded["folds"][0]["models"]["fused"]["predictions"]["paper"]["true"] == [10.0, 20.0]
+    md = open(paths["markdown"]).read()
+    assert "| model | SCC (paper) | MAE (paper) |" in md
+    assert "| fused | 0.8000 ± 0.1000 | 1.2500 ± 0.2500 |" in md  # (0.9+0.7)/2, (1.5+1.0)/2
+    assert "| 0.8300 | 1.8200 |" in md and "## Per fold" in md
+    assert sorted(os.listdir(tmp_path / "run")) == ["results.json", "results.md"]  # no temp leftovers
+    with pytest.raises(ValueError, match="folds"):
+        summary.write_results(str(tmp_path), {"summary": {}})
+
+
+def test_tables():
+    rows = [{"method": "SurgFusion-Net", "paper": 0.8294, "ours": (0.81234, 0.0211)},
+            {"method": "MAQA_x & co", "paper": None, "ours": (0.7, 0.05)}]
+    md = tables.markdown_table(rows)
+    assert md.splitlines()[0] == "| method | paper | ours |"
+    assert md.splitlines()[2] == "| SurgFusion-Net | 0.8294 | 0.8123 ± 0.0211 |"
+    assert "| MAQA_x & co | — | 0.7000 ± 0.0500 |" in md
+    tex = tables.latex_table(rows, caption="RAH-skill 4-fold", label="tab:rah")
+    assert r"MAQA\_x \& co & -- & 0.7000 $\pm$ 0.0500 \\" in tex
+    assert tex.count(r"\\") == 3 and r"\begin{tabular}{lcc}" in tex
+    parsed = list(csv.DictReader(io.StringIO(tables.csv_table(rows))))
+    assert parsed[0] == {"method": "SurgFusion-Net", "paper": "0.8294", "ours": "0.81234", "ours_std": "0.0211"}
+    assert parsed[1]["paper"] == ""
+    assert tables.markdown_table(rows, columns=["ours"]).splitlines()[0] == "| ours |"
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    return data[:8] == PNG_MAGIC and len(data) > 2000
+
+
+def test_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    true = rng.uniform(6, 30, 20)
+    p = plots.plot_predictions(true, true + rng.normal(0, 2, 20), str(tmp_path / "scatter.png"), title="fold 1")
+    assert _is_png(p)
+    w = rng.dirichlet(np.ones(3), size=40)
+    p2 = plots.plot_modality_weights(w, ["rgb", "flow", "mask"], str(tmp_path / "w.png"), seconds_per_step=14.0)
+    assert _is_png(p2)
+    imgs = [rng.uniform(size=(16, 20, 3)), rng.uniform(size=(16, 20)), rng.uniform(size=(16, 20, 3))]
+    p3 = plots.plot_modality_weights(w, ["rgb", "flow", "mask"], str(tmp_path / "w_thumbs.png"),
+                                         title="CSFB stage 2", thumbnails=[(5, imgs), (20, imgs[0])])
+    assert _is_png(p3) and os.path.getsize(p3) > os.path.getsize(p2)
+    with pytest.raises(ValueError, match="weights must be"):
+        plots.plot_modality_weights(w, ["rgb", "flow"], str(tmp_path / "bad.png"))
+    with pytest.raises(ValueError, match="equally long"):
+        plots.plot_predictions([1, 2], [1], str(tmp_path / "bad.png"))

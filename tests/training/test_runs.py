@@ -1,0 +1,75 @@
+"""The finished-run loader (`training.runs`): what it restores and scores is exactly what
+training reported, and a missing run or checkpoint is a clear `UserError`."""
+import numpy as np
+import pytest
+
+from surgfusion_jax import config_lib, errors
+from surgfusion_jax.data import feature_dataset as fd
+from surgfusion_jax.evaluation import metrics
+from surgfusion_jax.training import cross_validation as cv, runs
+
+N, DIM = 12, 8
+META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 9, size=N)
+    examples = [dict(video_id=f"v{i:02d}", score=float(rng.uniform(8, 28)),
+                     **{m: rng.normal(size=(int(lengths[i]), DIM)) for m in fd.MODALITIES})
+                for i in range(N)]
+    fd.write_feature_dataset(str(root / "features"), "toy", examples, META, feature_dim=DIM)
+    config = config_lib.small(config_lib.get_config())
+    config.data.data_dir, config.data.name, config.data.window = str(root / "features"), "toy", 4
+    config.cv.num_folds = 2
+    config.unimodal.num_epochs = config.fusion.num_epochs = 2
+    config.unimodal.batch_size = config.fusion.batch_size = 4
+    config.eval_batch_size, config.min_bucket, config.progress_bar = 4, 8, False
+    workdir = str(root / "run")
+    results, run = cv.run_cross_validation(config, workdir)
+    return workdir, results, run
+
+
+def test_load_run_restores_and_scores_what_training_reported(trained):
+    workdir, results, in_memory = trained
+    loaded = runs.load_run(workdir)
+    assert [f.name for f in loaded.folds] == [f.name for f in in_memory.folds]
+    assert loaded.model == in_memory.model
+    for fold in results["folds"]:
+        test = loaded.eval_set(fold["test"])
+        for phase, heads in (("unimodal", ("rgb", "flow", "mask")), ("fusion", ("fused",))):
+            variables, meta = runs.restore(loaded, fold["name"], phase, "last")
+            assert meta["epoch"] == 2
+            preds = runs.evaluate(loaded, variables, test.indices, phase)
+            for head in heads:
+                reported = fold["models"][head]["predictions"]["final"]
+                assert reported["video_ids"] == [loaded.samples[i]["video_id"] for i in test.indices]
+                got = metrics.to_score_units(preds[head], loaded.config.data.score_max)
+                np.testing.assert_array_equal(got, reported["pred"])  # bit for bit
+
+
+def test_prepare_holds_the_same_run_as_load(trained):
+    workdir, _, in_memory = trained
+    loaded = runs.load_run(workdir)
+    assert in_memory.workdir == workdir and in_memory.position == loaded.position
+    np.testing.assert_array_equal(np.asarray(in_memory.data.targets), np.asarray(loaded.data.targets))
+    assert [k for k, _ in in_memory.selected_folds()] == [0, 1]
+
+
+def test_missing_run_and_checkpoint_are_user_errors(trained, tmp_path):
+    workdir, _, run = trained
+    with pytest.raises(runs.MissingRunError, match="config.json not found"):
+        runs.load_run(str(tmp_path / "nothing"))
+    with pytest.raises(runs.MissingRunError, match="no 'best' checkpoint"):
+        runs.restore(run, "fold_9", "fusion", "best")
+    assert issubclass(runs.MissingRunError, errors.UserError)
+
+
+def test_load_run_names_a_missing_dataset(trained, tmp_path):
+    workdir, _, run = trained
+    with pytest.raises(fd.DatasetError, match="toy"):
+        runs.load_run(workdir, data_dir=str(tmp_path))  # the features were moved away
+    moved = runs.load_run(workdir, data_dir=run.config.data.data_dir, name="toy")
+    assert [s["video_id"] for s in moved.samples] == [s["video_id"] for s in run.samples]
