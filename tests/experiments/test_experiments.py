@@ -331,7 +331,7 @@ def test_run_config_precedence():
     with pytest.raises(spec.ExperimentError, match="unknown.*choose from avg"):
         table4.build_rows(spec.Options(workdir="w", base_config=base, variants=("sum",)))
     with pytest.raises(runs.MissingRunError, match="without --from_checkpoints"):
-        runs.load_config("/nonexistent/run")
+        recompute.fold_records("/nonexistent/run")
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_import_does_not_pull_in_torch(tmp_path):
     (tmp_path / "torch" / "__init__.py").write_text("")
     code = ("import sys; import data_prep.i3d, data_prep.extractor; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), repo]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr

@@ -17,7 +17,7 @@ from prep_testutil import (StandInExtractor, assert_same_dataset, dataset_conten
                            write_png_masks, write_video)
 
 S = 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 FARNEBACK = (0.5, 3, 15, 3, 5, 1.2, 0)
 HEADER = ("video_id,video_path,score,surgeon_id,mask_path,start_s,end_s,phase,source_video,"
           "rater_1,rater_2")

@@ -9,7 +9,7 @@ import pytest
 
 from prep_testutil import dataset_contents, write_png_masks, write_video
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,6 @@ def test_cli_user_errors_are_one_clear_message(tmp_path):
         assert pattern in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "data_prep", "extractor.py")),
-                    reason="data_prep/extractor.py (real I3D) not present")
 def test_cli_end_to_end_with_real_i3d(inputs, tmp_path):
     """The real I3D backbone at a tiny input size through the CLI, with one too-short video."""
     write_video(tmp_path / "short.avi", 60, seed=9)

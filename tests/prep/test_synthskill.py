@@ -228,7 +228,7 @@ def test_cli(tmp_path):
         [sys.executable, "-m", "data_prep.synthskill", f"--out_dir={out}", "--num_surgeons=1",
          "--trials=2", "--image_size=32", "--min_seconds=1", "--max_seconds=1", "--seed=5"],
         capture_output=True, text=True, timeout=120,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(out / "manifest.csv")
     assert len(_rows(str(out / "manifest.csv"))) == 2 and _meta(str(out / "manifest.csv"))["seed"] == 5
