@@ -1,140 +1,111 @@
-"""Train-step benchmark of SurgFusion-Net: time, throughput and XLA FLOPs, as JSON on stdout.
+r"""Train-step benchmark of the library's own training code, as JSON on stdout.
 
-For each training phase (docs/design.md §4; 'unimodal' = the three branches with SGD, 'fusion' =
-the fusion branch on frozen branches with AdamW) it jits one optimisation step on random
-features [B, T, F] (all steps valid) and reports
+  python benchmarks/train_step.py --batch=16 --length=64 --features=256 --candidates=10 \
+      [--pamfn_dir=/path/to/PAMFN --torch_python=/path/to/python-with-torch]
 
-  median_ms / mean_ms / min_ms   wall time per step after `--warmup` steps, over `--steps`
-  samples_per_s                  B / median
-  flops_per_step                 XLA's count: jitted.lower(...).compile().cost_analysis()
-  achieved_tflops                flops_per_step / median
+For each phase (docs/design.md §4: 'unimodal' trains the three branches with SGD,
+'fusion' the fusion branch on the frozen branches with AdamW) it builds the model, the
+optimizer and the TrainState exactly as training does (`config_lib.get_config`,
+`train.build_model`, `train.make_optimizer`, `train.create_train_state`) and times
 
-The step is `surgfusion_jax.training.train.train_step` with the optimiser of
-`surgfusion_jax.training.train.make_optimizer` and `configs/default.py` when those import;
-otherwise a local step with the same structure (Eq. 19 loss, optax SGD / AdamW) is used.
-The JSON says which ("train_step_impl").
+  step    one jitted `train.train_step` on a random batch [B, T, F] (all steps valid):
+          median / mean / min ms after `--warmup` steps over `--steps`, samples/s,
+          XLA's FLOP count of the compiled step, the achieved GFLOP/s and its fraction
+          of the measured matmul ceiling (a jitted 2048 x 2048 float32 product on the
+          same device);
+  epoch   the real scanned epoch `train.train_epoch` (shuffle, window sampling and
+          `--epoch_steps` steps in one `lax.scan`) on device-resident data: ms per step.
 
-  python benchmarks/train_step.py --batch=16 --length=64 --features=256 --candidates=10
+Nothing falls back to a stand-in: if the library's signatures change, this fails.
+With `--pamfn_dir`, PAMFN's own PyTorch step (`benchmarks/pamfn_step.py`, run by
+`--torch_python`, a Python that has torch; never the project's venv) is timed at the
+same shapes in the same run, and the JSON gives the speed ratios PAMFN ms / ours ms
+(> 1: ours is faster). Ours trains the three branches in one step; PAMFN trains one
+branch per run, so the unimodal comparison is per branch (ours / 3).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
-from surgfusion_jax.models.surgfusion import SurgFusionNet
+from surgfusion_jax import config_lib
+from surgfusion_jax.data import feature_dataset, input_pipeline
+from surgfusion_jax.training import train
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size B.")
 _LENGTH = flags.DEFINE_integer("length", 64, "Segments per sample T (the training window).")
 _FEATURES = flags.DEFINE_integer("features", 256, "Model width d.")
+_EMBED = flags.DEFINE_integer("embed_features", 512, "Branch embedding width.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 10, "FusionNets per DFB (K).")
 _HEADS = flags.DEFINE_integer("heads", 2, "Attention heads of CSFB / DFB.")
-_FEATURE_DIM = flags.DEFINE_integer("feature_dim", 1024, "Backbone feature size F.")
+_FEATURE_DIM = flags.DEFINE_integer("feature_dim", 1024, "Input feature width F.")
 _FUSION = flags.DEFINE_string("fusion", "dra", "Fusion strategy.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Computation dtype (float32 | bfloat16).")
-_PHASES = flags.DEFINE_list("phases", ["unimodal", "fusion"], "Phases to benchmark.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PHASES = flags.DEFINE_list("phases", list(train.PHASES), "Phases to benchmark.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_EPOCH_STEPS = flags.DEFINE_integer("epoch_steps", 8, "Steps of the timed scanned epoch (0: skip).")
+_EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs (median reported).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "library", "local"],
-                          "Train step: surgfusion_jax.training.train (library), the local optax step, or library "
-                          "when it imports (auto).")
-
-_FALLBACK_OPT = {  # docs/design.md §4, used only when configs/default.py does not import
-    "unimodal": dict(learning_rate=1e-2, end_learning_rate=5e-6, momentum=0.9, weight_decay=1e-4,
-                     grad_clip=2.0, num_epochs=300),
-    "fusion": dict(learning_rate=1e-3, end_learning_rate=5e-6, weight_decay=1e-4, grad_clip=2.0,
-                   head_lr_factor=0.1, num_epochs=300),
-}
+_PAMFN_DIR = flags.DEFINE_string("pamfn_dir", None, "Checkout of github.com/qinghuannn/PAMFN.")
+_TORCH_PYTHON = flags.DEFINE_string("torch_python", None, "A Python with torch (for PAMFN).")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads for PAMFN (0: default).")
 
 
-def _phase_config(phase: str) -> dict:
-    try:
-        from configs import default
-        return dict(getattr(default.get_config(), phase).to_dict())
-    except Exception:  # noqa: BLE001 - the benchmark must run without the configs package
-        return dict(_FALLBACK_OPT[phase])
-
-
-def _library_step(model, variables, phase):
-    """(state, step_fn, impl name) from surgfusion_jax.training.train, or None when unavailable."""
-    try:
-        from surgfusion_jax.training import train
-        tx = train.make_optimizer(phase, _phase_config(phase), steps_per_epoch=1)
-        state = train.create_train_state(model, variables, tx, phase)
-        return state, train.train_step, "surgfusion_jax.training.train.train_step"
-    except (ImportError, AttributeError, TypeError, KeyError):
-        return None
-
-
-def _local_step(model, variables, phase):
-    """A minimal step with the same structure: Eq. 19 loss, phase optimiser, frozen branches."""
-    cfg = _phase_config(phase)
-    if phase == "unimodal":
-        opt = optax.chain(optax.add_decayed_weights(cfg["weight_decay"]),
-                          optax.sgd(cfg["learning_rate"], momentum=cfg.get("momentum", 0.9)))
-        trainable = lambda top: top.startswith("branch_")  # noqa: E731
-    else:
-        opt = optax.adamw(cfg["learning_rate"], weight_decay=cfg["weight_decay"])
-        trainable = lambda top: top == "fusion"  # noqa: E731
-    labels = {k: ("train" if trainable(k) else "frozen") for k in variables["params"]}
-    tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]),
-                     optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()},
-                                           lambda p: {k: jax.tree.map(lambda _: labels[k], v) for k, v in p.items()}))
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"])}
-
-    def step(state, batch, rng):
-        d_rng, g_rng = jax.random.split(rng)
-
-        def loss_fn(params):
-            out, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch["inputs"],
-                                   batch["valid"], train=True, phase=phase, rngs={"dropout": d_rng, "gumbel": g_rng},
-                                   mutable=["batch_stats"])
-            loss = 0.0
-            for score in out.values():
-                err = score.astype(jnp.float32) - batch["target"]
-                loss = loss + 0.5 * jnp.mean(err ** 2) + 0.5 * jnp.mean(jnp.abs(err))  # Eq. 19
-            return loss, upd["batch_stats"]
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats, "opt_state": opt_state}
-        return new, {"loss": loss}
-
-    return state, step, "benchmarks/train_step.py local step (optax)"
+def matmul_ceiling_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a jitted n x n float32 matrix product on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    product = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(product(a, a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(product(a, a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
+    cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_phase(phase: str, model, variables, batch) -> dict:
-    variables = jax.tree.map(jnp.copy, variables)  # the step donates its state: keep ours intact
-    made = _library_step(model, variables, phase) if _IMPL.value != "local" else None
-    if made is None and _IMPL.value == "library":
-        raise RuntimeError("--impl=library: surgfusion_jax.training.train.train_step / create_train_state / "
-                           "make_optimizer are not importable.")
-    state, step_fn, impl = made or _local_step(model, variables, phase)
-    jitted = jax.jit(step_fn, donate_argnums=0)
+def _config():
+    config = config_lib.get_config()
+    config.model.features = _FEATURES.value
+    config.model.embed_features = _EMBED.value
+    config.model.num_candidates = _CANDIDATES.value
+    config.model.num_heads = _HEADS.value
+    config.model.fusion = _FUSION.value
+    config.model.dtype = _DTYPE.value
+    return config
+
+
+def _state(config, model, variables, phase):
+    cfg = config[phase]
+    return train.create_train_state(model, jax.tree.map(jnp.copy, variables),
+                                    train.make_optimizer(phase, cfg), phase,
+                                    learning_rate=cfg.learning_rate,
+                                    loss_alpha=config.loss_alpha)
+
+
+def bench_step(state, batch, ceiling: float) -> dict:
+    step = jax.jit(train.train_step, donate_argnums=0)
     rng = jax.random.PRNGKey(_SEED.value + 1)
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch, rng).compile()
+    compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
     flops = _flops(compiled)
     times = []
@@ -146,37 +117,106 @@ def bench_phase(phase: str, model, variables, batch) -> dict:
         if i >= _WARMUP.value:
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    loss = float(jax.device_get(metrics["loss"]))
-    return {"train_step_impl": impl, "median_ms": 1e3 * median, "mean_ms": 1e3 * statistics.fmean(times),
-            "min_ms": 1e3 * min(times), "samples_per_s": _BATCH.value / median, "flops_per_step": flops,
-            "achieved_tflops": (flops / median / 1e12) if flops else None, "compile_s": compile_s,
-            "final_loss": loss, "loss_finite": bool(np.isfinite(loss))}
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the benchmarked step gave a non-finite loss {loss}")
+    gflops = flops / median / 1e9 if flops else None
+    return {"median_ms": 1e3 * median, "mean_ms": 1e3 * statistics.fmean(times),
+            "min_ms": 1e3 * min(times), "samples_per_s": _BATCH.value / median,
+            "flops_per_step": flops, "gflops_per_s": gflops,
+            "fraction_of_matmul_ceiling": gflops / ceiling if gflops else None,
+            "compile_s": compile_s, "loss": loss}
+
+
+def bench_epoch(state, data, batch_size: int, window: int) -> dict:
+    steps = _EPOCH_STEPS.value
+    padded = jnp.asarray(input_pipeline.pad_indices(np.arange(data.num_videos), data.num_videos))
+    num_train = jnp.int32(data.num_videos)
+    lr = jnp.float32(1e-3)
+
+    def run(state, epoch):
+        return train.train_epoch(state, data, padded, num_train,
+                                 jax.random.fold_in(jax.random.PRNGKey(_SEED.value), epoch),
+                                 lr, window=window, batch_size=batch_size, steps=steps)
+
+    t0 = time.perf_counter()
+    state, metrics = run(state, 0)
+    jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - t0  # compile + one epoch
+    times = []
+    for epoch in range(1, _EPOCHS.value + 1):
+        t0 = time.perf_counter()
+        state, metrics = run(state, epoch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"steps": steps, "ms_per_step": 1e3 * median / steps,
+            "samples_per_s": batch_size * steps / median, "first_epoch_s": first_s,
+            "loss": float(metrics["loss"])}
+
+
+def run_pamfn() -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamfn_step.py")
+    cmd = [_TORCH_PYTHON.value or sys.executable, script, f"--pamfn_dir={_PAMFN_DIR.value}",
+           f"--batch={_BATCH.value}", f"--length={_LENGTH.value}",
+           f"--features={_FEATURES.value}", f"--feature_dim={_FEATURE_DIM.value}",
+           f"--candidates={_CANDIDATES.value}", f"--heads={_HEADS.value}",
+           f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
+           f"--threads={_THREADS.value}", f"--phases={','.join(_PHASES.value)}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"PAMFN step failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
 
 
 def main(argv):
     del argv
     b, t, f = _BATCH.value, _LENGTH.value, _FEATURE_DIM.value
     modalities = feature_dataset.MODALITIES
-    model = SurgFusionNet(modalities=modalities, features=_FEATURES.value, num_candidates=_CANDIDATES.value,
-                          num_heads=_HEADS.value, fusion=_FUSION.value, dtype=jnp.dtype(_DTYPE.value))
-    keys = jax.random.split(jax.random.PRNGKey(_SEED.value), len(modalities) + 4)
+    config = _config()
+    model = train.build_model(config.model, modalities)
+    keys = jax.random.split(jax.random.PRNGKey(_SEED.value), len(modalities) + 2)
     inputs = {m: jax.random.normal(k, (b, t, f), jnp.float32) for m, k in zip(modalities, keys)}
-    valid = jnp.ones((b, t), bool)
-    batch = {"inputs": inputs, "valid": valid, "weight": jnp.ones((b,), jnp.float32),
+    batch = {"inputs": inputs, "valid": jnp.ones((b, t), bool),
+             "weight": jnp.ones((b,), jnp.float32),
              "target": jax.random.uniform(keys[-1], (b,), jnp.float32, 0.1, 0.5)}
-    variables = jax.jit(lambda r: model.init({"params": r[0], "dropout": r[1], "gumbel": r[2]},
-                                             inputs, valid, train=False, phase="all"))(keys[-4:-1])
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    n_params = {top: int(sum(x.size for x in jax.tree.leaves(v))) for top, v in variables["params"].items()}
+    variables = train.init_variables(model, keys[-2], f, length=t)
+    rng = np.random.default_rng(_SEED.value)
+    samples = [{"video_id": f"v{i}", "score": float(rng.uniform(6, 30)), "num_segments": t,
+                **{m: rng.normal(size=(t, f)).astype(np.float32) for m in modalities}}
+               for i in range(b * max(_EPOCH_STEPS.value, 1))]
+    data = input_pipeline.make_device_data(samples, modalities, 30.0, window=t)
+    ceiling = matmul_ceiling_gflops()
     device = jax.devices()[0]
     report = {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-              "num_devices": jax.device_count(), "jax_version": jax.__version__,
-              "config": {"batch": b, "length": t, "features": _FEATURES.value, "candidates": _CANDIDATES.value,
-                         "heads": _HEADS.value, "feature_dim": f, "fusion": _FUSION.value, "dtype": _DTYPE.value,
-                         "steps": _STEPS.value, "warmup": _WARMUP.value},
-              "params": n_params, "phases": {}}
+              "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+              "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "matmul_ceiling_gflops": ceiling,
+              "config": {"batch": b, "length": t, "features": _FEATURES.value,
+                         "embed_features": _EMBED.value, "candidates": _CANDIDATES.value,
+                         "heads": _HEADS.value, "feature_dim": f, "fusion": _FUSION.value,
+                         "dtype": _DTYPE.value, "steps": _STEPS.value, "warmup": _WARMUP.value},
+              "train_step_impl": "surgfusion_jax.training.train.train_step / train_epoch",
+              "params": {top: int(sum(x.size for x in jax.tree.leaves(v)))
+                         for top, v in variables["params"].items()},
+              "phases": {}}
     for phase in _PHASES.value:
-        report["phases"][phase] = bench_phase(phase, model, variables, batch)
+        state = _state(config, model, variables, phase)
+        entry = {"step": bench_step(state, batch, ceiling)}
+        if _EPOCH_STEPS.value:
+            entry["epoch"] = bench_epoch(_state(config, model, variables, phase), data, b, t)
+        report["phases"][phase] = entry
+    if _PAMFN_DIR.value:
+        pamfn = run_pamfn()
+        report["pamfn"] = pamfn
+        ratios = {}
+        ours = report["phases"]
+        if "unimodal" in ours and "unimodal_per_branch" in pamfn["phases"]:
+            per_branch = ours["unimodal"]["step"]["median_ms"] / len(modalities)
+            ratios["unimodal_per_branch"] = pamfn["phases"]["unimodal_per_branch"]["median_ms"] / per_branch
+        if "fusion" in ours and "fusion" in pamfn["phases"]:
+            ratios["fusion"] = pamfn["phases"]["fusion"]["median_ms"] / ours["fusion"]["step"]["median_ms"]
+        report["speedup_vs_pamfn"] = ratios
     print(json.dumps(report, indent=1))
 
 

@@ -11,9 +11,11 @@ block output c and the CSFB output s (both [B, T_out, d], T_out the pooled lengt
   K^, V^ = W^k, W^v applied to the K candidates f_{i,k}^cs                  (Eqs. 7-8)
   f = DRA(Q^, K^, V^, M_i), per time step over the K candidates             (Eq. 10)
 
-The M per-modality weight nets and the K FFNs each run as one grouped convolution
-(feature_group_count = M or K): group m (k) holds modality m's (FusionNet k's) own
-weights, so they stay independent while compiling to a few large ops.
+The M per-modality weight nets run as one grouped convolution (feature_group_count
+= M: group m holds modality m's own weights); the K FFNs run on the K candidates
+stacked on a leading axis (`layers.StackedConvBNAct`), one batched product per
+convolution, with the parameters of a K-group convolution. Either way each net keeps
+its own weights while the work compiles to a few large ops.
 
 PolicyNet and the mask M_i. A 1x1 conv maps the concatenated stage inputs to K
 logits per time step; they are pooled like the features (masked) and a hard
@@ -98,8 +100,8 @@ class FusionNets(nn.Module):
     """K FusionNets: Eq. 9 modality weighting + residual conv FFN + stage pooling.
 
     Returns (candidates [B, T_out, K, d], valid_out [B, T_out]). Sows the Eq. 9
-    weights `modality_weights` [B, T_in, M, K] (softmax over M). The M weight nets and
-    the K FFNs each run as one grouped convolution with independent per-group weights.
+    weights `modality_weights` [B, T_in, M, K] (softmax over M). The M weight nets run
+    as one grouped convolution, the K FFNs as one batched product per convolution.
     """
 
     num_candidates: int
@@ -122,15 +124,20 @@ class FusionNets(nn.Module):
         logits = logits.reshape(batch_time + (m, k))
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-2)  # over modalities
         self.sow("intermediates", "modality_weights", weights)
-        mixed = jnp.einsum("btmk,btmd->btkd", weights.astype(stacked.dtype), stacked)  # Eq. 9
-        flat = mixed.reshape(mixed.shape[:2] + (k * d,))
-        y = layers.ConvBNAct(k * d, 3, nn.relu, feature_group_count=k, dtype=self.dtype,
-                             name="ffn1")(flat, valid, train=train)
-        y = layers.ConvBNAct(k * d, 3, nn.relu, feature_group_count=k, dtype=self.dtype,
-                             name="ffn2")(y, valid, train=train)
-        out, valid_out = layers.pool(layers.zero_invalid(flat, valid) + y, valid,
-                                     global_pool=self.global_pool)
-        return out.reshape(out.shape[:2] + (k, d)), valid_out
+        # Eq. 9, the K nets stacked on a leading axis [K, B, T, d]: each FusionNet's FFN is
+        # then one plain product per convolution (layers.StackedConvBNAct), with the
+        # parameters of a K-group convolution.
+        mixed = jnp.einsum("btmk,btmd->kbtd", weights.astype(stacked.dtype), stacked)
+        y = layers.StackedConvBNAct(d, 3, nn.relu, dtype=self.dtype, name="ffn1")(
+            mixed, valid, train=train)
+        y = layers.StackedConvBNAct(d, 3, nn.relu, dtype=self.dtype, name="ffn2")(
+            y, valid, train=train)
+        y = layers.zero_invalid_stacked(mixed, valid) + y
+        batch, length = batch_time
+        out, valid_out = layers.pool(y.reshape(k * batch, length, d),
+                                     jnp.tile(valid, (k, 1)), global_pool=self.global_pool)
+        out = out.reshape(k, batch, out.shape[1], d).transpose(1, 2, 0, 3)  # [B, T_out, K, d]
+        return out, valid_out[:batch]
 
 
 class DynamicFusionBlock(nn.Module):

@@ -105,14 +105,16 @@ def stage_valids(valid: Array) -> list[Array]:
 
 
 class TemporalConv(nn.Module):
-    """1-D SAME convolution [B, T, C_in] -> [B, T, features] written as matrix products.
+    """1-D SAME convolution [B, T, C_in] -> [B, T, features] written as one matrix product.
 
     Same parameters and results as `nn.Conv(features, (kernel_size,), padding="SAME",
     feature_group_count=...)` (kernel [k, C_in / groups, features], optional bias), but
-    computed as k shifted (grouped) matrix products. XLA's CPU backend runs convolutions
-    inside loops (`lax.scan`, which `train.train_epoch` uses) through a slow generic
-    kernel: a 1x1 convolution with 1024 inputs trained inside a scan measured ~60x
-    slower than the same matrix product (`benchmarks/conv_in_scan.py`).
+    computed as a single (grouped) product of the k shifted inputs stacked along the
+    channels (im2col: [B, T, k C_in] @ [k C_in, features]). XLA's CPU backend runs
+    convolutions inside loops (`lax.scan`, which `train.train_epoch` uses) through a slow
+    generic kernel (`benchmarks/conv_in_scan.py`), and k separate shifted products cost
+    k passes over the activations and the gradient; one product per convolution is the
+    fastest form measured (docs/performance.md).
     """
 
     features: int
@@ -131,17 +133,22 @@ class TemporalConv(nn.Module):
                              f"must both divide into feature_group_count={groups} groups.")
         kernel = self.param("kernel", self.kernel_init, (k, c_in // groups, self.features))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        before = (k - 1) // 2  # XLA's SAME padding: the extra zero goes after
+        b, length = x.shape[:2]
+        c_g, d_g = c_in // groups, self.features // groups
+        x = x.reshape(b, length, groups, c_g)  # free: channel g * C_in/G + c is group g's
         if k > 1:
-            x = jnp.pad(x, ((0, 0), (before, k - 1 - before), (0, 0)))
-        length = x.shape[1] - (k - 1)
-        b = x.shape[0]
-        # kernel[i] [C_in/G, G * D]: output channel g * D + o belongs to group g
-        grouped = kernel.reshape(k, c_in // groups, groups, self.features // groups)
-        y = sum(jnp.einsum("btgc,cgd->btgd",
-                           x[:, i:i + length].reshape(b, length, groups, c_in // groups),
-                           grouped[i]) for i in range(k))
-        y = y.reshape(b, length, self.features)
+            before = (k - 1) // 2  # XLA's SAME padding: the extra zero goes after
+            x = jnp.pad(x, ((0, 0), (before, k - 1 - before), (0, 0), (0, 0)))
+            # the k shifts stacked next to the channels: [B, T, G, k, C_in/G], no transpose
+            x = jnp.stack([x[:, i:i + length] for i in range(k)], axis=3)
+        x = x.reshape(b, length, groups, k * c_g)
+        if groups == 1:
+            y = x[:, :, 0] @ kernel.reshape(k * c_in, self.features)
+        else:
+            # kernel [k, C_in/G, G * D/G]: output channel g * D/G + o belongs to group g
+            w = kernel.reshape(k, c_g, groups, d_g).transpose(2, 0, 1, 3).reshape(
+                groups, k * c_g, d_g)
+            y = jnp.einsum("btgc,gcd->btgd", x, w).reshape(b, length, self.features)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)
                                ).astype(self.dtype)
@@ -214,3 +221,102 @@ class FusionResBlock(nn.Module):
         shortcut = ConvBNAct(self.features, 1, nn.relu, dtype=self.dtype,
                              name="shortcut")(x, valid, train=train)
         return y + shortcut
+
+
+def zero_invalid_stacked(x: Array, valid: Array) -> Array:
+    """Sets x [K, B, T, C] (K nets stacked on a leading axis) to zero at invalid steps."""
+    return jnp.where(valid[None, ..., None], x, jnp.zeros((), x.dtype))
+
+
+class StackedTemporalConv(nn.Module):
+    """K independent SAME 1-D convolutions, inputs stacked on a leading axis.
+
+    x [K, B, T, C] -> [K, B, T, D], net k convolving x[k] with its own kernel. The
+    parameter is exactly that of `TemporalConv(K * D, kernel_size, feature_group_count=K)`
+    (kernel [kernel_size, C, K * D], group k's outputs at channels k * D ... k * D + D - 1),
+    so it is that grouped convolution with the groups moved to the front: each net is one
+    plain [B T, k C] @ [k C, D] product, batched over K, with no transposes of the
+    activations (XLA's CPU dot transposes a batch axis that is not leading: measured 1.5x
+    slower, docs/performance.md).
+    """
+
+    features: int
+    kernel_size: int = 1
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        nets, b, length, c_in = x.shape
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, c_in, nets * self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k > 1:
+            before = (k - 1) // 2
+            x = jnp.pad(x, ((0, 0), (0, 0), (before, k - 1 - before), (0, 0)))
+            x = jnp.stack([x[:, :, i:i + length] for i in range(k)], axis=3)
+        x = x.reshape(nets, b * length, k * c_in)
+        w = kernel.reshape(k, c_in, nets, self.features).transpose(2, 0, 1, 3).reshape(
+            nets, k * c_in, self.features)
+        return jnp.einsum("knc,kcd->knd", x, w).reshape(nets, b, length, self.features)
+
+
+class StackedBatchNorm(nn.Module):
+    """BatchNorm of K stacked nets, x [K, B, T, D], statistics per (net, channel) over
+    the valid steps of B and T.
+
+    Computes what `nn.BatchNorm` computes on the same data laid out as [B, T, K * D]
+    (float32 statistics, E[x^2] - E[x]^2 variance clipped at 0, running averages not
+    updated while initialising), with the same variables: params `scale`, `bias` and
+    batch_stats `mean`, `var`, each [K * D], net k's at k * D ... k * D + D - 1.
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, valid: Array) -> Array:
+        nets, _, _, d = x.shape
+        size = (nets * d,)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), size)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), size)
+        scale = self.param("scale", nn.initializers.ones_init(), size).reshape(nets, 1, 1, d)
+        bias = self.param("bias", nn.initializers.zeros_init(), size).reshape(nets, 1, 1, d)
+        if self.use_running_average:
+            mean, var = ra_mean.value.reshape(nets, d), ra_var.value.reshape(nets, d)
+        else:
+            x32 = x.astype(jnp.float32)
+            where = jnp.broadcast_to(valid[None, ..., None], x.shape)
+            mean = x32.mean((1, 2), where=where)
+            var = jnp.maximum(0.0, (x32 * x32).mean((1, 2), where=where) - mean * mean)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(size)
+                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(size)
+        y = x - mean[:, None, None, :]
+        y = y * (jax.lax.rsqrt(var + self.epsilon)[:, None, None, :] * scale) + bias
+        return y.astype(self.dtype)
+
+
+class StackedConvBNAct(nn.Module):
+    """`ConvBNAct` of K independent nets on stacked inputs [K, B, T, C] -> [K, B, T, D].
+
+    Same variables (conv/kernel, bn/scale, bn/bias, bn/mean, bn/var) and the same
+    results as `ConvBNAct(K * D, kernel_size, feature_group_count=K)` on the inputs laid
+    out as [B, T, K * C]; see `StackedTemporalConv` for why the nets are stacked.
+    """
+
+    features: int
+    kernel_size: int = 1
+    activation: Callable[[Array], Array] = nn.relu
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, valid: Array, *, train: bool) -> Array:
+        x = zero_invalid_stacked(x, valid)
+        x = StackedTemporalConv(self.features, self.kernel_size, dtype=self.dtype,
+                                name="conv")(x)
+        x = StackedBatchNorm(not train, dtype=self.dtype, name="bn")(x, valid)
+        return zero_invalid_stacked(self.activation(x), valid)

@@ -156,3 +156,33 @@ def test_temporal_conv_rejects_indivisible_groups():
     x = jnp.ones((1, 4, 6))
     with pytest.raises(ValueError, match="feature_group_count=4"):
         layers.TemporalConv(8, 1, feature_group_count=4).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_stacked_conv_bn_act_is_the_grouped_conv_bn_act(kernel_size):
+    """K nets stacked on a leading axis == one K-group ConvBNAct on [B, T, K * C]: same
+    variables, outputs, gradients and updated BatchNorm statistics (train and eval)."""
+    nets, b, t, c, d = 3, 2, 7, 4, 5
+    kx, kv = jax.random.split(jax.random.PRNGKey(3))
+    x = jax.random.normal(kx, (nets, b, t, c))
+    valid = jnp.arange(t)[None, :] < jnp.array([[t], [4]])  # second sample padded
+    flat = x.transpose(1, 2, 0, 3).reshape(b, t, nets * c)
+    grouped = layers.ConvBNAct(nets * d, kernel_size, feature_group_count=nets)
+    stacked = layers.StackedConvBNAct(d, kernel_size)
+    variables = grouped.init(kv, flat, valid, train=False)
+    variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(kv, a.shape), variables)
+    chex.assert_trees_all_equal_shapes(variables, stacked.init(kv, x, valid, train=False))
+    for train in (True, False):
+        want, want_state = grouped.apply(variables, flat, valid, train=train, mutable=["batch_stats"])
+        got, got_state = stacked.apply(variables, x, valid, train=train, mutable=["batch_stats"])
+        np.testing.assert_allclose(got.transpose(1, 2, 0, 3).reshape(b, t, nets * d), want,
+                                   atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(got_state, want_state, atol=1e-6, rtol=1e-6)
+
+    def loss(module, inputs):
+        return lambda p: jnp.sum(module.apply({**variables, "params": p}, inputs, valid,
+                                              train=True, mutable=["batch_stats"])[0] ** 2)
+
+    chex.assert_trees_all_close(jax.grad(loss(stacked, x))(variables["params"]),
+                                jax.grad(loss(grouped, flat))(variables["params"]),
+                                atol=1e-4, rtol=1e-4)
