@@ -4,7 +4,17 @@ Generates its own synthetic video (and mask video) with OpenCV, then runs the re
 pipeline (`data_prep.prepare.prepare_manifest`, cache off) on it:
 
   python benchmarks/prep.py [--width=640 --height=480 --seconds=30 --src_fps=30 \
-      --image_size=224 --batch_size=8 --backbone=i3d|none]
+      --image_size=224 --batch_size=8 --backbone=i3d|none] [--dtype=bfloat16]
+
+Per backbone (the paper's, docs/design.md §1.5 and README 'Use the paper's backbones'):
+
+  python benchmarks/prep.py --extract=swin3d_t,swin3d_b,i3d_rgb,i3d_flow \
+      [--batch_size=8 --batches=3 --dtype=float32|bfloat16]
+
+times the jitted, batched extraction alone (`BackboneExtractor`, random weights at the
+standard sizes: speed does not depend on the weights) on `--batches` batches of
+`--batch_size` 32-frame clips decoded at 256 x 256 (centre crop 224 inside the jitted
+function), after one warm-up batch that compiles; it reports frames/s per backbone.
 
 Frames are counted at 10 FPS (after resampling). decode = reading + resampling +
 resizing the video and masks; flow = Farneback + uint8 scaling; features = the extractor
@@ -37,6 +47,10 @@ flags.DEFINE_float("src_fps", 30.0, "synthetic video frame rate")
 flags.DEFINE_integer("image_size", 224, "network input size")
 flags.DEFINE_integer("batch_size", 8, "segments per extractor call")
 flags.DEFINE_enum("backbone", "i3d", ["i3d", "none"], "feature extractor")
+flags.DEFINE_list("extract", [], "time extraction alone for these backbones "
+                  "(swin3d_t, swin3d_s, swin3d_b, i3d_rgb, i3d_flow)")
+flags.DEFINE_integer("batches", 2, "--extract: timed batches per backbone")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "extractor computation dtype")
 FLAGS = flags.FLAGS
 
 
@@ -78,8 +92,50 @@ def write_synthetic(path: str, mask_path: str, w: int, h: int, n: int, fps: floa
     mw.release()
 
 
+def extract_only(names) -> dict:
+    """frames/s of the jitted, batched extraction per backbone (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from data_prep.backbones import PREPROCESSING, canonical_name, random_backbone
+    from data_prep.extractor import BackboneExtractor
+
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    rng = np.random.default_rng(0)
+    out = {}
+    for raw in names:
+        name = canonical_name(raw)
+        modality = "flow" if PREPROCESSING[name].in_channels == 2 else "rgb"
+        t0 = time.perf_counter()
+        ext = BackboneExtractor({modality: (name, None)}, image_size=256,
+                                batch_size=FLAGS.batch_size, dtype=dtype,
+                                loader=random_backbone)
+        build_s = time.perf_counter() - t0
+        shape = (FLAGS.batch_size, 32, 256, 256, PREPROCESSING[name].in_channels)
+        clips = rng.integers(0, 256, shape, dtype=np.uint8)
+        run = getattr(ext, modality)
+        t0 = time.perf_counter()
+        run(clips)                      # compile
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(FLAGS.batches):
+            feats = run(clips)
+        seconds = time.perf_counter() - t0
+        frames = FLAGS.batches * FLAGS.batch_size * 32
+        out[name] = dict(frames_per_s=round(frames / seconds, 2), frames=frames,
+                         seconds=round(seconds, 2), compile_s=round(compile_s, 2),
+                         build_s=round(build_s, 2), feature_dim=int(feats.shape[1]))
+    return dict(benchmark="prep_extract", device=str(jax.devices()[0].device_kind),
+                platform=jax.devices()[0].platform, cpu_count=os.cpu_count(),
+                batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, clip="32 x 256 x 256, crop 224",
+                backbones=out)
+
+
 def main(argv):
     del argv
+    if FLAGS.extract:
+        print(json.dumps(extract_only(FLAGS.extract), indent=1))
+        return
     n_src = int(round(FLAGS.seconds * FLAGS.src_fps))
     with tempfile.TemporaryDirectory() as tmp:
         video, mask = os.path.join(tmp, "v.avi"), os.path.join(tmp, "m.avi")
@@ -91,7 +147,7 @@ def main(argv):
             f.write("video_id,video_path,score,surgeon_id,mask_path\nbench,v.avi,20,A,m.avi\n")
         t0 = time.perf_counter()
         if FLAGS.backbone == "i3d":
-            ext = make_extractor(FLAGS.image_size, FLAGS.batch_size)
+            ext = make_extractor(FLAGS.image_size, FLAGS.batch_size, dtype=FLAGS.dtype)
         else:
             ext = NullExtractor(FLAGS.image_size)
         build_s = time.perf_counter() - t0

@@ -4,7 +4,9 @@ Layout: `<data_dir>/.cache/<dataset name>/<safe video_id>--<key>.npz`, one file 
 sample, holding one float32 [num_segments, feature_dim] array per modality plus
 `num_frames`. `key` is a SHA-1 (16 hex digits) of everything the features depend on:
 the video id, prep version, frame rate, segment length, image size, flow bound and
-Farneback settings, modalities, the extractor's identity, the time range, and the path,
+Farneback settings, modalities, the extractor's identity (with `--backbones`: each
+modality's backbone, checkpoint SHA-256, preprocessing and dtype, so changing a weights
+file recomputes), the time range, and the path,
 size and mtime of the video and of the mask (a PNG folder: number, names, total size and
 newest mtime of its PNGs). Labels are not part of the key: fixing a score re-uses the
 features.

@@ -104,6 +104,11 @@ class InceptionBlock(nn.Module):
         return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
+STEM_WIDTHS = (64, 64, 192)  # Conv3d_1a_7x7, Conv3d_2b_1x1, Conv3d_2c_3x3
+STANDARD_WIDTHS = (STEM_WIDTHS, tuple(_INCEPTION_BLOCKS.values()))
+BLOCK_NAMES = tuple(_INCEPTION_BLOCKS)
+
+
 class InceptionI3D(nn.Module):
     """Inception-I3D returning `(logits [B, 400], features [B, 1024])` (float32).
 
@@ -111,38 +116,53 @@ class InceptionI3D(nn.Module):
     Kinetics-400 head with the size-adaptive pooling described in the module docstring.
     `dtype` is the computation dtype (bfloat16 on GPU); parameters stay float32 and the
     final averages are taken in float32. The input may have any number of channels
-    (see `adapt_first_conv` for 2-channel flow).
+    (2 for the flow stream, see `data_prep/backbones/i3d_weights.py`).
+
+    `widths` = (stem widths (3,), one 6-tuple of branch widths per Mixed block) changes
+    the channel counts (None: the standard network; reduced widths serve the test
+    fixtures); `num_classes` = 0 drops the head. `outputs='dict'` returns
+    `{'logits', 'features'}` instead of the tuple (the `data_prep.backbones` interface).
     """
 
     num_classes: int = NUM_CLASSES
     dtype: Any = jnp.float32
+    widths: Any = None
+    outputs: str = "tuple"
 
     @nn.compact
-    def __call__(self, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, clip: jax.Array):
         if clip.ndim != 5:
             raise ValueError(f"InceptionI3D expects a clip [B, T, H, W, C], got shape {clip.shape}")
+        stem, blocks = self.widths or STANDARD_WIDTHS
         x = clip.astype(self.dtype)
-        x = ConvBN3D(64, (7, 7, 7), (2, 2, 2), dtype=self.dtype, name="Conv3d_1a_7x7")(x)
+        x = ConvBN3D(stem[0], (7, 7, 7), (2, 2, 2), dtype=self.dtype, name="Conv3d_1a_7x7")(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))
-        x = ConvBN3D(64, (1, 1, 1), dtype=self.dtype, name="Conv3d_2b_1x1")(x)
-        x = ConvBN3D(192, (3, 3, 3), dtype=self.dtype, name="Conv3d_2c_3x3")(x)
+        x = ConvBN3D(stem[1], (1, 1, 1), dtype=self.dtype, name="Conv3d_2b_1x1")(x)
+        x = ConvBN3D(stem[2], (3, 3, 3), dtype=self.dtype, name="Conv3d_2c_3x3")(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))
+        width = dict(zip(BLOCK_NAMES, blocks))
         for name in ("Mixed_3b", "Mixed_3c"):
-            x = InceptionBlock(_INCEPTION_BLOCKS[name], dtype=self.dtype, name=name)(x)
+            x = InceptionBlock(tuple(width[name]), dtype=self.dtype, name=name)(x)
         x = _max_pool_same(x, (3, 3, 3), (2, 2, 2))
         for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
-            x = InceptionBlock(_INCEPTION_BLOCKS[name], dtype=self.dtype, name=name)(x)
+            x = InceptionBlock(tuple(width[name]), dtype=self.dtype, name=name)(x)
         x = _max_pool_same(x, (2, 2, 2), (2, 2, 2))
         for name in ("Mixed_5b", "Mixed_5c"):
-            x = InceptionBlock(_INCEPTION_BLOCKS[name], dtype=self.dtype, name=name)(x)
+            x = InceptionBlock(tuple(width[name]), dtype=self.dtype, name=name)(x)
 
         mixed_5c = x.astype(jnp.float32)
         features = jnp.mean(mixed_5c, axis=(1, 2, 3))
-        # Original head: 2x7x7 VALID average pool, window clipped to the map (see above).
-        window = tuple(min(w, s) for w, s in zip((2, 7, 7), mixed_5c.shape[1:4]))
-        pooled = nn.avg_pool(mixed_5c, window, strides=(1, 1, 1), padding="VALID")
-        logits = nn.Conv(self.num_classes, (1, 1, 1), use_bias=True, name="Logits")(pooled)
-        return jnp.mean(logits, axis=(1, 2, 3)), features
+        logits = None
+        if self.num_classes:
+            # Original head: 2x7x7 VALID average pool, window clipped to the map (see above).
+            window = tuple(min(w, s) for w, s in zip((2, 7, 7), mixed_5c.shape[1:4]))
+            pooled = nn.avg_pool(mixed_5c, window, strides=(1, 1, 1), padding="VALID")
+            logits = nn.Conv(self.num_classes, (1, 1, 1), use_bias=True, name="Logits")(pooled)
+            logits = jnp.mean(logits, axis=(1, 2, 3))
+        if self.outputs == "dict":
+            return {"features": features} if logits is None else {"logits": logits,
+                                                                  "features": features}
+        return logits, features
 
 
 def weights_path() -> str:
@@ -196,10 +216,10 @@ def convert_checkpoint(raw: dict) -> dict:
     return {"params": out_p, "batch_stats": out_s}
 
 
-def _check_tree(module: InceptionI3D, variables: dict) -> None:
+def _check_tree(module: InceptionI3D, variables: dict, in_channels: int = 3) -> None:
     """Raises if `variables` does not match the module's own tree (names and shapes)."""
     expected = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, 16, 64, 64, 3), jnp.float32))
+                              jnp.zeros((1, 16, 64, 64, in_channels), jnp.float32))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables)}
     if want != got:

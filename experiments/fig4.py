@@ -104,7 +104,8 @@ def run(options: spec.Options, *, video_id: str | None = None, stage: int = 2,
         raise spec.ExperimentError(f"--video_id={video_id!r} is in no test fold of run "
                                      f"{run_spec.name}; choose one of {sorted(by_id)[:8]}...")
     try:
-        variables, meta = runs.restore(run_data, fold.name, "fusion", checkpoint)
+        member = next(m for m in run_data.members() if m.fold.name == fold.name)  # 1st seed
+        variables, meta = runs.restore(run_data, member.name, "fusion", checkpoint)
     except runs.MissingRunError as e:
         raise runs.MissingRunError(f"{e} (run fig4 without --from_checkpoints)") from None
     sample = by_id[video_id]

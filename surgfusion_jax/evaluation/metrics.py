@@ -120,6 +120,18 @@ def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
     return float(np.mean(v)), std
 
 
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% confidence interval) over independent runs (seeds),
+    from Student's t with n - 1 degrees of freedom; the half-width of one value is NaN."""
+    v = _as_1d(list(values), "values")
+    if v.size == 0:
+        raise ValueError("mean_ci95 needs at least one value.")
+    if v.size == 1:
+        return float(v[0]), float("nan")
+    half = stats.t.ppf(0.975, v.size - 1) * np.std(v, ddof=1) / np.sqrt(v.size)
+    return float(np.mean(v)), float(half)
+
+
 def format_mean_std(mean: float, std: float | None = None, digits: int = 4) -> str:
     """'0.8123 ± 0.0201' (or just the mean when std is None); NaN prints as 'nan'."""
     if mean is None:

@@ -17,8 +17,12 @@ Results dict (written to `<workdir>/results.json`; NaN/inf are stored as null):
       ...],
     'summary': {model: {protocol: {'scc_mean', 'scc_std', 'mae_mean', 'mae_std', 'n_folds',
                                    'per_fold': [{'fold', 'epoch', 'scc', 'mae'}]}}},
+    'comparisons': {'fused - <model>': {protocol: {'scc_diff', 'scc_diff_ci95',
+                    'mae_diff', 'mae_diff_ci95', 'n', 'unit'}}},  # `paired_differences`
     'paper':   {model: {'scc': float | None, 'mae': float | None}},         # optional
   }
+
+A fold record of a run trained with several seeds also holds its 'seed'.
 
 `summarise(folds, source=...)` reads one (SCC, MAE) per fold and protocol, then takes the
 mean and population std over folds (`metrics.mean_std`), from either source:
@@ -96,7 +100,91 @@ def _reading(record: Mapping[str, Any] | None, protocol: str, source: str
 
 def summarise(folds: Sequence[Mapping[str, Any]], source: str = "history"
               ) -> dict[str, dict[str, dict[str, Any]]]:
-    """{model: {protocol: {scc_mean, scc_std, mae_mean, mae_std, n_folds, per_fold}}}."""
+    """{model: {protocol: {scc_mean, scc_std, mae_mean, mae_std, n_folds, per_fold}}}.
+
+    Records of several seeds (their 'seed' field; `config.num_seeds`) are summarised per
+    seed first; the entry then holds the mean over seeds of the fold means with the half
+    width of its 95% confidence interval (`scc_ci95`, `mae_ci95`, Student's t over the
+    seeds), `n_seeds`, `per_seed` and the fold SDs averaged over seeds (`scc_std`,
+    `mae_std`)."""
+    seeds = _seeds(folds)
+    if len(seeds) <= 1:
+        return _summarise_folds(folds, source)
+    per_seed = {seed: _summarise_folds([f for f in folds if f.get("seed") == seed], source)
+                for seed in seeds}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, by_protocol in per_seed[seeds[0]].items():
+        out[model] = {}
+        for protocol in by_protocol:
+            entries = [per_seed[seed].get(model, {}).get(protocol) for seed in seeds]
+            if any(e is None for e in entries):
+                continue
+            scc_mean, scc_ci = metrics.mean_ci95([e["scc_mean"] for e in entries])
+            mae_mean, mae_ci = metrics.mean_ci95([e["mae_mean"] for e in entries])
+            out[model][protocol] = {
+                "scc_mean": scc_mean, "scc_ci95": scc_ci, "mae_mean": mae_mean,
+                "mae_ci95": mae_ci, "n_seeds": len(seeds),
+                "scc_std": float(np.mean([e["scc_std"] for e in entries])),
+                "mae_std": float(np.mean([e["mae_std"] for e in entries])),
+                "n_folds": entries[0]["n_folds"],
+                "per_seed": [{"seed": seed, "scc": e["scc_mean"], "mae": e["mae_mean"]}
+                             for seed, e in zip(seeds, entries)],
+                "per_fold": [dict(p, seed=seed) for seed, e in zip(seeds, entries)
+                             for p in e["per_fold"]]}
+    return out
+
+
+def paired_differences(folds: Sequence[Mapping[str, Any]], source: str = "history",
+                       reference: str = "fused") -> dict[str, dict[str, dict[str, Any]]]:
+    """{'<reference> - <model>': {protocol: {scc_diff, scc_diff_ci95, mae_diff,
+    mae_diff_ci95, n, unit}}}: the paired difference of `reference` and every other model,
+    paired over seeds (their fold means) when the records hold several seeds, else over
+    folds; mean and 95% CI half width (Student's t)."""
+    seeds = _seeds(folds)
+    if len(seeds) > 1:
+        units = {seed: _summarise_folds([f for f in folds if f.get("seed") == seed], source)
+                 for seed in seeds}
+        unit = "seed"
+
+        def reading(model, protocol):
+            entries = [units[s].get(model, {}).get(protocol) for s in seeds]
+            if any(e is None for e in entries):
+                return None
+            return [(e["scc_mean"], e["mae_mean"]) for e in entries]
+    else:
+        summary, unit = _summarise_folds(folds, source), "fold"
+
+        def reading(model, protocol):
+            entry = summary.get(model, {}).get(protocol)
+            return None if entry is None else {p["fold"]: (p["scc"], p["mae"])
+                                               for p in entry["per_fold"]}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    models = {m for f in folds for m in f.get("models", {})} - {reference}
+    for model in sorted(models, key=lambda m: (MODEL_ORDER + (m,)).index(m)):
+        for protocol in (PROTOCOLS if source == "history" else tuple(PREDICTION_KEYS)):
+            ref, other = reading(reference, protocol), reading(model, protocol)
+            if ref is None or other is None:
+                continue
+            if isinstance(ref, dict):  # folds: pair the folds both models have
+                common = [k for k in ref if k in other]
+                ref, other = [ref[k] for k in common], [other[k] for k in common]
+            if not ref:
+                continue
+            scc = metrics.mean_ci95([a[0] - b[0] for a, b in zip(ref, other)])
+            mae = metrics.mean_ci95([a[1] - b[1] for a, b in zip(ref, other)])
+            out.setdefault(f"{reference} - {model}", {})[protocol] = {
+                "scc_diff": scc[0], "scc_diff_ci95": scc[1], "mae_diff": mae[0],
+                "mae_diff_ci95": mae[1], "n": len(ref), "unit": unit}
+    return out
+
+
+def _seeds(folds: Sequence[Mapping[str, Any]]) -> list:
+    return sorted({f.get("seed") for f in folds}, key=lambda s: (s is None, s))
+
+
+def _summarise_folds(folds: Sequence[Mapping[str, Any]], source: str
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    """The summary of the fold records of one seed (see `summarise`)."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     protocols = PROTOCOLS if source == "history" else tuple(PREDICTION_KEYS)
@@ -158,6 +246,8 @@ def write_results(workdir: str, results: Mapping[str, Any],
                          "surgfusion_jax/evaluation/summary.py).")
     if not results.get("summary"):
         results["summary"] = summarise(results["folds"])
+    if "comparisons" not in results:
+        results["comparisons"] = paired_differences(results["folds"])
     if paper is not None:
         results["paper"] = paper
     clean = to_jsonable(results)

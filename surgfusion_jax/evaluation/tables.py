@@ -90,16 +90,20 @@ def csv_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
 
 def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str, Any]] | None = None,
                     protocols: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per model: '<metric> (<protocol>)' = (mean, std), plus 'paper SCC/MAE' when
-    given; `protocols` (default: those of the summary, in its order) picks the columns."""
+    """One row per model: '<metric> (<protocol>)' = (mean, spread), plus 'paper SCC/MAE' when
+    given; `protocols` (default: those of the summary, in its order) picks the columns.
+
+    The spread is the SD over folds for one seed, and the 95% CI half width over seeds for
+    several (`evaluation.summary.summarise`)."""
     rows = []
     for model, by_protocol in summary.items():
         row: dict[str, Any] = {"model": model}
         for protocol in (by_protocol if protocols is None else protocols):
             if protocol in by_protocol:
                 s = by_protocol[protocol]
-                row[f"SCC ({protocol})"] = (s["scc_mean"], s["scc_std"])
-                row[f"MAE ({protocol})"] = (s["mae_mean"], s["mae_std"])
+                spread = "ci95" if "scc_ci95" in s else "std"
+                row[f"SCC ({protocol})"] = (s["scc_mean"], s[f"scc_{spread}"])
+                row[f"MAE ({protocol})"] = (s["mae_mean"], s[f"mae_{spread}"])
         if paper is not None:
             row["paper SCC"] = (paper.get(model) or {}).get("scc")
             row["paper MAE"] = (paper.get(model) or {}).get("mae")
@@ -107,22 +111,42 @@ def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str,
     return rows
 
 
+def difference_rows(comparisons: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per compared pair: '<metric> diff (<protocol>)' = (mean, 95% CI half width)."""
+    rows = []
+    for pair, by_protocol in comparisons.items():
+        row: dict[str, Any] = {"pair": pair}
+        for protocol, d in by_protocol.items():
+            row[f"SCC diff ({protocol})"] = (d["scc_diff"], d["scc_diff_ci95"])
+            row[f"MAE diff ({protocol})"] = (d["mae_diff"], d["mae_diff_ci95"])
+            row["paired over"] = f"{d['n']} {d['unit']}s"
+        rows.append(row)
+    return rows
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
-    """The Markdown report of a results dict with its summary (summary table, then per-fold
-    numbers)."""
+    """The Markdown report of a results dict with its summary (summary table, paired
+    differences, then per-fold numbers)."""
     summary = results["summary"]
     head = [f"# Results: {results.get('dataset', 'dataset')} — {results.get('scheme', 'scheme')}", ""]
-    meta = {k: results[k] for k in ("dataset", "scheme", "seed", "score_max") if k in results}
+    meta = {k: results[k] for k in ("dataset", "scheme", "seed", "seeds", "score_max") if k in results}
     if meta:
         head += ["- " + ", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
-    head += ["SCC: Spearman per test fold, MAE in score units; mean ± std over folds. Protocol 'paper' = best "
+    seeds = len(results.get("seeds") or [None])
+    spread = (f"mean over {seeds} seeds of the fold means ± its 95% confidence interval"
+              if seeds > 1 else "mean ± std over folds")
+    head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Protocol 'paper' = best "
              "test-fold epoch (optimistic, as in the paper); 'final' = last epoch; 'val-selected' = best "
              "inner-validation epoch.", ""]
     body = markdown_table(comparison_rows(summary, results.get("paper")))
+    if results.get("comparisons"):
+        body += ("\n## Paired differences\n\nFused minus each branch, paired over seeds (or over "
+                 "folds for one seed): mean ± 95% CI half width; a CI that excludes 0 is a "
+                 "difference the runs support.\n\n" + markdown_table(difference_rows(results["comparisons"])))
     folds = []
     for model, by_protocol in summary.items():
         for protocol, s in by_protocol.items():
             for p in s["per_fold"]:
-                folds.append({"model": model, "protocol": protocol, "fold": p["fold"], "epoch": p["epoch"],
-                              "SCC": p["scc"], "MAE": p["mae"]})
+                folds.append({"model": model, "protocol": protocol, **({"seed": p["seed"]} if "seed" in p else {}),
+                              "fold": p["fold"], "epoch": p["epoch"], "SCC": p["scc"], "MAE": p["mae"]})
     return "\n".join(head) + body + "\n## Per fold\n\n" + markdown_table(folds)

@@ -10,7 +10,8 @@ Layout under a run's workdir:
 
 `last` is written every `checkpoint_every_epochs` epochs, at the end of the phase and on
 a requested stop; the best epoch so far is written to `best` just before each `last`
-step (`train.run_phase`). Both keep one step. A killed run resumes
+step (`phase.run_phase`). `last` keeps the two newest steps (a group of runs resumes
+from the newest epoch all of them saved), `best` one. A killed run resumes
 from `last`: the optimizer state, rng, epoch counter and per-epoch history come back,
 and the epochs after it are replayed exactly (they are deterministic given the rng), so
 the finished run ends with the same numbers as an uninterrupted one. `best` steps newer
@@ -28,9 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def _manager(directory: str, read_only: bool) -> ocp.CheckpointManager:
+def _manager(directory: str, read_only: bool, keep: int = 1) -> ocp.CheckpointManager:
     # read_only only stops folder creation here (orbax's own read_only mode logs warnings).
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
@@ -46,7 +47,7 @@ class PhaseCheckpoints:
 
     def __init__(self, directory: str, *, read_only: bool = False):
         self.directory = os.fspath(directory)
-        self._last = _manager(os.path.join(self.directory, "last"), read_only)
+        self._last = _manager(os.path.join(self.directory, "last"), read_only, keep=2)
         self._best = _manager(os.path.join(self.directory, "best"), read_only)
 
     # -------------------------------------------------------------------- last
@@ -61,12 +62,22 @@ class PhaseCheckpoints:
             state=ocp.args.StandardSave(_to_host(item)),
             meta=ocp.args.JsonSave(dict(meta, epoch=epoch))))
 
-    def restore_last(self, state: Any) -> tuple[Any, Any, dict[str, Any]] | None:
-        """(state, rng, meta) from the newest `last` step, `state` giving the structure.
+    def discard_after(self, epoch: int) -> None:
+        """Deletes the `last` and `best` steps newer than `epoch` (a resumed group of runs
+        replays from there and writes them again)."""
+        for manager in (self._last, self._best):
+            for step in manager.all_steps():
+                if step > epoch:
+                    manager.delete(step)
 
-        None when there is none. Deletes `best` steps newer than the restored epoch.
+    def restore_last(self, state: Any, epoch: int | None = None
+                     ) -> tuple[Any, Any, dict[str, Any]] | None:
+        """(state, rng, meta) from the `last` step `epoch` (default: the newest), `state`
+        giving the structure.
+
+        None when there is none. Deletes the steps newer than the restored epoch.
         """
-        epoch = self._last.latest_step()
+        epoch = self._last.latest_step() if epoch is None else epoch
         if epoch is None:
             return None
         template = {"params": state.params, "batch_stats": state.batch_stats,
@@ -75,9 +86,7 @@ class PhaseCheckpoints:
         restored = self._last.restore(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_to_host(template)), meta=ocp.args.JsonRestore()))
         item = restored["state"]
-        for step in self._best.all_steps():
-            if step > epoch:
-                self._best.delete(step)
+        self.discard_after(epoch)
         state = state.replace(params=item["params"], batch_stats=item["batch_stats"],
                               opt_state=item["opt_state"], step=item["step"])
         return state, item["rng"], dict(restored["meta"])

@@ -38,7 +38,7 @@ from surgfusion_jax import errors
 from surgfusion_jax.data import feature_dataset, splits
 from surgfusion_jax.evaluation import metrics, paper_results, summary
 from surgfusion_jax.io import read_json, to_jsonable, write_json
-from surgfusion_jax.training import checkpoints, runs, tensorboard, train
+from surgfusion_jax.training import checkpoints, phase, runs, tensorboard, train
 
 # Fields that may differ between a run and its resumption (they change no number).
 RUNTIME_FIELDS = ("workdir", "debug", "progress_bar", "compilation_cache_dir", "csfb_plots")
@@ -139,17 +139,18 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
                           f"--config.data.modalities or prepare them.")
     os.makedirs(workdir, exist_ok=True)
     _check_or_write_config(workdir, config)
+    runs.check_or_write_features(workdir, dataset)
     folds = load_folds(workdir, config, dataset.samples)
     selected = set(config.cv.folds or range(1, len(folds) + 1))
     if not selected <= set(range(1, len(folds) + 1)):
         raise ConfigError(f"config.cv.folds: {sorted(selected)} are not all fold numbers of "
                           f"this run (1..{len(folds)}); fix --config.cv.folds.")
     run = runs.prepare(config, workdir, dataset, folds)
-    budget = train.EpochBudget(config.debug.stop_after_epochs or None)
-    fold_results = [run_fold(run, k, fold, budget) for k, fold in run.selected_folds()]
+    budget = phase.EpochBudget(config.debug.stop_after_epochs or None)
+    records = [record for group in run.groups() for record in run_group(run, group, budget)]
     results = {"config": run_config_dict(config), "dataset": config.data.name,
-               "scheme": config.cv.scheme, "seed": config.seed,
-               "score_max": config.data.score_max, "folds": fold_results}
+               "scheme": config.cv.scheme, "seed": config.seed, "seeds": run.seeds,
+               "score_max": config.data.score_max, "folds": records}
     written = summary.write_results(workdir, results, paper=_paper_numbers(config))
     return written["results"], run
 
@@ -168,57 +169,61 @@ def _paper_numbers(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
         return None
 
 
-def run_fold(run: runs.RunData, k: int, fold: splits.Fold, budget: train.EpochBudget
-             ) -> dict[str, Any]:
-    """Both phases of fold `k`; returns its fold record (`evaluation.summary` schema)."""
+def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.EpochBudget
+              ) -> list[dict[str, Any]]:
+    """Both phases of the members of `group`, trained together as one program (each as
+    it would train alone, `phase.run_phase`); returns their fold records
+    (`evaluation.summary` schema, with the member's seed)."""
     config, samples = run.config, run.samples
-    train_ids, val_ids = list(fold.train), []
-    if config.cv.inner_val_fraction > 0:
-        train_ids, val_ids = splits.inner_validation_split(
-            fold.train, samples, config.cv.inner_val_fraction, seed=config.cv.seed + k)
-    train_idx = np.array([run.position[v] for v in train_ids])
-    eval_sets = {"test": run.eval_set(fold.test)}
-    if val_ids:
-        eval_sets["val"] = run.eval_set(val_ids)
-    test_ids = [samples[i]["video_id"] for i in eval_sets["test"].indices]
-    fold_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), k)
-    variables = train.init_variables(run.model, jax.random.fold_in(fold_key, 0), run.feature_dim)
-    record: dict[str, Any] = {"name": fold.name, "train": train_ids, "val": val_ids,
-                              "test": list(fold.test), "models": {}}
-    for p, phase in enumerate(train.PHASES):
-        cfg = config[phase]
+    eval_sets = [run.eval_sets(m) for m in group]
+    test_ids = [[samples[i]["video_id"] for i in es["test"].indices] for es in eval_sets]
+    variables = [train.init_variables(run.model, jax.random.fold_in(m.key, 0), run.feature_dim)
+                 for m in group]
+    records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.train), "val": list(m.val),
+                "test": list(m.fold.test), "models": {}} for m in group]
+    desc = group[0].name if len(group) == 1 else f"{len(group)} runs"
+    for p, phase_name in enumerate(train.PHASES):
+        cfg = config[phase_name]
         if p > 0 and config.fusion.init_from == "best":
-            variables, _ = runs.restore(run, fold.name, train.PHASES[p - 1], "best")
-        # init_from 'last': `variables` already holds the previous phase's final state
-        state = train.create_train_state(run.model, variables,
-                                         train.make_optimizer(phase, cfg), phase,
-                                         learning_rate=cfg.learning_rate,
-                                         loss_alpha=config.loss_alpha)
-        ckpt = checkpoints.PhaseCheckpoints(run.checkpoint_dir(fold.name, phase))
-        writer = tensorboard.SummaryWriter(
-            os.path.join(run.workdir, "tensorboard", fold.name, phase))
+            variables = [runs.restore(run, m.name, train.PHASES[p - 1], "best")[0] for m in group]
+        # init_from 'last': `variables` already hold the previous phase's final states
+        tx = train.make_optimizer(phase_name, cfg)
+        states = train.stack([train.create_train_state(run.model, v, tx, phase_name,
+                                                       learning_rate=cfg.learning_rate,
+                                                       loss_alpha=config.loss_alpha)
+                              for v in variables])
+        members = [phase.Member(
+            m.name, np.array([run.position[v] for v in m.train]), es,
+            jax.random.fold_in(m.key, p + 1),
+            checkpoints.PhaseCheckpoints(run.checkpoint_dir(m.name, phase_name)),
+            tensorboard.SummaryWriter(os.path.join(run.workdir, "tensorboard", m.name,
+                                                   phase_name)))
+            for m, es in zip(group, eval_sets)]
         try:
-            state, meta = train.run_phase(
-                state, run.data, rng=jax.random.fold_in(fold_key, p + 1),
-                num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, window=config.data.window,
-                train_idx=train_idx, eval_sets=eval_sets, score_max=config.data.score_max,
+            states, metas = phase.run_phase(
+                states, run.data, members, num_epochs=cfg.num_epochs,
+                batch_size=cfg.batch_size, window=config.data.window,
+                score_max=config.data.score_max,
                 learning_rate=train.learning_rate_schedule(cfg),
-                checkpoints=ckpt, checkpoint_every=config.checkpoint_every_epochs,
-                writer=writer, desc=f"{fold.name} {phase}", progress=config.progress_bar,
-                budget=budget)
+                eval_batch_size=config.eval_batch_size, min_bucket=config.min_bucket,
+                checkpoint_every=config.checkpoint_every_epochs,
+                desc=f"{desc} {phase_name}", progress=config.progress_bar, budget=budget)
         finally:
-            writer.close()
-            ckpt.close()
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        final = runs.evaluate(run, variables, eval_sets["test"].indices, phase,
-                              plan=eval_sets["test"].plan)
-        record["models"].update(_model_records(meta, final, eval_sets["test"], test_ids,
-                                               config.data.score_max))
-    return record
+            for m in members:
+                m.writer.close()
+                m.checkpoints.close()
+        variables = []
+        for r, (record, meta, es) in enumerate(zip(records, metas, eval_sets)):
+            state = train.unstack(states, r)
+            variables.append({"params": state.params, "batch_stats": state.batch_stats})
+            final = {h: p[es["test"].indices] for h, p in meta["final"].items()}
+            record["models"].update(_model_records(meta, final, es["test"], test_ids[r],
+                                                   config.data.score_max))
+    return records
 
 
 def _model_records(meta: Mapping[str, Any], final: Mapping[str, np.ndarray],
-                   test: train.EvalSet, video_ids: list[str], score_max: float
+                   test: phase.EvalSet, video_ids: list[str], score_max: float
                    ) -> dict[str, Any]:
     """Per head: the reporting history (test scc/mae, val_scc/val_mae, loss) and the test
     predictions (score units) of the final epoch and of the best (checkpointed) epoch."""

@@ -9,10 +9,18 @@ the device, the folds, the model, a checkpoint restored and scored. `RunData` ho
   * `prepare(config, workdir, dataset, folds)` builds it from what a caller already holds
     (training builds it once and hands it on to prediction: nothing is read twice);
   * `load_run(workdir)` builds it from a finished run's files;
-  * `restore(run, fold, phase, which)` reads one checkpoint ('last' or 'best');
-  * `evaluate(run, variables, indices, phase)` scores videos with the training engine's
-    own evaluation (`train.evaluate`: same device data and bucketed plan), so a number
-    recomputed from a checkpoint is the number training reported, bit for bit.
+  * `RunData.groups()` lists the run's members (fold x seed, `MemberSpec`) in the groups
+    that train together as one program;
+  * `restore(run, member, phase, which)` reads one member's checkpoint ('last' | 'best');
+  * `evaluate(run, group, variables, phase)` scores a group's checkpoints with the
+    training engine's own stacked evaluation (`train.evaluate_stacked`, same device
+    data, same group size, same bucketed plan), so a number recomputed from checkpoints
+    is the number training reported, bit for bit.
+
+Members. Seeds are `config.seed + i` for i < `config.num_seeds`; member (seed s, fold k)
+initialises from `fold_in(fold_in(PRNGKey(s), k), 0)` and trains phase p with
+`fold_in(fold_in(PRNGKey(s), k), p + 1)`. Its checkpoints live under
+`checkpoints/<fold>/<phase>` (one seed) or `checkpoints/seed_<s>/<fold>/<phase>`.
 """
 
 from __future__ import annotations
@@ -23,17 +31,35 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
 from surgfusion_jax import errors
+from surgfusion_jax.io import write_json
 from surgfusion_jax.data import feature_dataset, input_pipeline, splits
 from surgfusion_jax.models.surgfusion import SurgFusionNet
-from surgfusion_jax.training import checkpoints, train
+from surgfusion_jax.training import checkpoints, phase as phase_lib, train
 
 
 class MissingRunError(errors.UserError):
     """The run, or one of its checkpoints, does not exist (yet); the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    """One member of a run: a fold trained with one seed."""
+
+    name: str  # '<fold>' (one seed) or 'seed_<s>/<fold>'
+    seed: int
+    fold_index: int  # 0-based position among all folds (keys, inner split seed)
+    fold: splits.Fold
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+    @property
+    def key(self) -> Any:
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), self.fold_index)
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,15 +100,44 @@ class RunData:
         chosen = set(self.config.cv.folds or range(1, len(self.folds) + 1))
         return [(k, f) for k, f in enumerate(self.folds) if k + 1 in chosen]
 
-    def eval_set(self, video_ids: Sequence[str]) -> train.EvalSet:
-        """The bucketed evaluation plan and true scores of `video_ids`."""
-        lengths = [int(s["num_segments"]) for s in self.samples]
+    def eval_set(self, video_ids: Sequence[str]) -> phase_lib.EvalSet:
+        """The dataset indices and true scores of `video_ids`."""
         scores = [float(s["score"]) for s in self.samples]
-        return train.EvalSet.make(lengths, [self.position[v] for v in video_ids], scores,
-                                  self.config.eval_batch_size, self.config.min_bucket)
+        return phase_lib.EvalSet.make([self.position[v] for v in video_ids], scores)
 
-    def checkpoint_dir(self, fold: str, phase: str) -> str:
-        return os.path.join(self.workdir, "checkpoints", fold, phase)
+    def eval_sets(self, member: MemberSpec) -> dict[str, phase_lib.EvalSet]:
+        """A member's evaluation sets: 'test' and, with an inner split, 'val'."""
+        sets = {"test": self.eval_set(member.fold.test)}
+        if member.val:
+            sets["val"] = self.eval_set(member.val)
+        return sets
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(self.config.seed) + i for i in range(int(self.config.get("num_seeds", 1)))]
+
+    def members(self) -> list[MemberSpec]:
+        """Every (seed, selected fold) of the run, seed-major."""
+        out = []
+        for seed in self.seeds:
+            for k, fold in self.selected_folds():
+                train_ids, val_ids = list(fold.train), []
+                if self.config.cv.inner_val_fraction > 0:
+                    train_ids, val_ids = splits.inner_validation_split(
+                        fold.train, self.samples, self.config.cv.inner_val_fraction,
+                        seed=self.config.cv.seed + k)
+                name = fold.name if len(self.seeds) == 1 else f"seed_{seed}/{fold.name}"
+                out.append(MemberSpec(name, seed, k, fold, tuple(train_ids), tuple(val_ids)))
+        return out
+
+    def groups(self) -> list[list[MemberSpec]]:
+        """The members in the groups that train as one program each."""
+        members, size = self.members(), int(self.config.get("max_runs_per_program", 0))
+        size = size if size > 0 else len(members)
+        return [members[i:i + size] for i in range(0, len(members), size)]
+
+    def checkpoint_dir(self, member: str, phase: str) -> str:
+        return os.path.join(self.workdir, "checkpoints", member, phase)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str,
@@ -112,6 +167,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+FEATURES_FILE = "dataset_metadata.json"
+
+
+def check_or_write_features(workdir: str, dataset: feature_dataset.FeatureDataset, *,
+                            write: bool = True) -> None:
+    """Refuses a dataset whose features were prepared differently (backbone, checkpoint,
+    preprocessing: `feature_dataset.check_same_features`) from those the run in
+    `workdir` trained on, recorded in `<workdir>/dataset_metadata.json` on first use."""
+    path = os.path.join(workdir, FEATURES_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        feature_dataset.check_same_features({f"the run in {workdir}": saved,
+                                             dataset.path: dataset.metadata})
+    elif write:
+        write_json(path, dataset.metadata, sort_keys=True)
+
+
 def load_run(workdir: str, data_dir: str | None = None, name: str | None = None) -> RunData:
     """RunData of the finished (or partly trained) run in `workdir`.
 
@@ -120,15 +193,16 @@ def load_run(workdir: str, data_dir: str | None = None, name: str | None = None)
     config = load_config(workdir)
     dataset = feature_dataset.load_feature_dataset(data_dir or config.data.data_dir,
                                                    name or config.data.name)
+    check_or_write_features(workdir, dataset, write=False)
     folds = splits.load_splits(os.path.join(workdir, "splits.json"))
     return prepare(config, workdir, dataset, folds)
 
 
-def restore(run: RunData, fold: str, phase: str, which: str
+def restore(run: RunData, member: str, phase: str, which: str
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """({'params', 'batch_stats'}, meta) of checkpoint `which` ('last' | 'best') of one
-    fold and phase; MissingRunError when it was not written."""
-    ckpt = checkpoints.PhaseCheckpoints(run.checkpoint_dir(fold, phase), read_only=True)
+    member (its name, e.g. 'fold_1') and phase; MissingRunError when it was not written."""
+    ckpt = checkpoints.PhaseCheckpoints(run.checkpoint_dir(member, phase), read_only=True)
     try:
         return ckpt.restore_variables(which, run.template)
     except FileNotFoundError as e:
@@ -137,16 +211,22 @@ def restore(run: RunData, fold: str, phase: str, which: str
         ckpt.close()
 
 
-def evaluate(run: RunData, variables: Mapping[str, Any], indices: Sequence[int],
+def evaluate(run: RunData, group: Sequence[MemberSpec], variables: Sequence[Mapping[str, Any]],
              phase: str = "fusion", plan: Sequence[input_pipeline.EvalBatch] | None = None
-             ) -> dict[str, np.ndarray]:
-    """Normalised predictions per head of `phase` for the videos `indices`, in that order."""
+             ) -> list[dict[str, np.ndarray]]:
+    """Normalised predictions {head: [N]} (NaN outside the plan) of each member of `group`
+    with its `variables`, scored together as training scores them (module docstring).
+
+    `plan` defaults to the group's training plan: the union of its evaluation videos."""
     cfg = run.config[phase]
+    tx = train.make_optimizer(phase, cfg)
+    states = train.stack([train.create_train_state(run.model, v, tx, phase,
+                                                   learning_rate=cfg.learning_rate,
+                                                   loss_alpha=run.config.loss_alpha)
+                          for v in variables])
     if plan is None:
-        lengths = [int(s["num_segments"]) for s in run.samples]
-        plan = input_pipeline.make_eval_plan(lengths, indices, run.config.eval_batch_size,
-                                             run.config.min_bucket)
-    state = train.create_train_state(run.model, variables, train.make_optimizer(phase, cfg),
-                                     phase, learning_rate=cfg.learning_rate,
-                                     loss_alpha=run.config.loss_alpha)
-    return train.evaluate(state, run.data, plan, indices)
+        members = [phase_lib.Member(m.name, np.zeros(0), run.eval_sets(m), None) for m in group]
+        plan = phase_lib.eval_plan(run.data, members, run.config.eval_batch_size,
+                                   run.config.min_bucket)
+    preds = train.evaluate_stacked(states, run.data, plan)
+    return [{h: p[r] for h, p in preds.items()} for r in range(len(group))]

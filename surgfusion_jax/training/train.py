@@ -206,6 +206,33 @@ def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict[str, Array]:
                           batch["inputs"], batch["valid"], train=False, phase=state.phase)
 
 
+def _epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: Array,
+           num_train: Array, rng: Array, learning_rate: Array, num_steps: Array | None, *,
+           window: int, batch_size: int, steps: int) -> tuple[TrainState, dict[str, Array]]:
+    state = with_learning_rate(state, learning_rate)
+    order_rng, step_rng = jax.random.split(rng)
+    idx, weight = input_pipeline.epoch_batches(order_rng, train_idx, num_train, batch_size,
+                                               steps)
+
+    def body(state, xs):
+        step, idx_b, weight_b, key = xs
+        window_rng, key = jax.random.split(key)
+        inputs, valid = input_pipeline.sample_windows(window_rng, data, idx_b, window)
+        batch = {"inputs": inputs, "valid": valid, "target": data.targets[idx_b],
+                 "weight": weight_b}
+        new_state, metrics = train_step(state, batch, key)
+        if num_steps is not None:  # a step past this run's own epoch changes nothing
+            active = step < num_steps
+            new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
+            metrics = jax.tree.map(lambda m: jnp.where(active, m, 0.0), metrics)
+        return new_state, metrics
+
+    xs = (jnp.arange(steps), idx, weight, jax.random.split(step_rng, steps))
+    state, per_step = jax.lax.scan(body, state, xs)
+    count = steps if num_steps is None else jnp.maximum(num_steps, 1)
+    return state, jax.tree.map(lambda m: jnp.sum(m) / count, per_step)
+
+
 @functools.partial(jax.jit, static_argnames=("window", "batch_size", "steps"))
 def train_epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: Array,
                 num_train: Array, rng: Array, learning_rate: Array, *, window: int,
@@ -215,179 +242,69 @@ def train_epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: A
     train_idx: int32 [N_pad], the first `num_train` entries are the training videos.
     Returns the new state and the epoch's mean loss / gradient norm.
     """
-    state = with_learning_rate(state, learning_rate)
-    order_rng, step_rng = jax.random.split(rng)
-    idx, weight = input_pipeline.epoch_batches(order_rng, train_idx, num_train, batch_size,
-                                               steps)
+    return _epoch(state, data, train_idx, num_train, rng, learning_rate, None,
+                  window=window, batch_size=batch_size, steps=steps)
 
-    def body(state, xs):
-        idx_b, weight_b, key = xs
-        window_rng, key = jax.random.split(key)
-        inputs, valid = input_pipeline.sample_windows(window_rng, data, idx_b, window)
-        batch = {"inputs": inputs, "valid": valid, "target": data.targets[idx_b],
-                 "weight": weight_b}
-        return train_step(state, batch, key)
 
-    state, per_step = jax.lax.scan(body, state, (idx, weight, jax.random.split(step_rng, steps)))
-    return state, jax.tree.map(jnp.mean, per_step)
+@functools.partial(jax.jit, static_argnames=("window", "batch_size", "steps"))
+def train_epochs(states: TrainState, data: input_pipeline.DeviceData, train_idx: Array,
+                 num_train: Array, num_steps: Array, rngs: Array, learning_rates: Array, *,
+                 window: int, batch_size: int, steps: int) -> tuple[TrainState, dict[str, Array]]:
+    """`train_epoch` of R runs in one program: `states` stacked on a leading run axis,
+    train_idx [R, N_pad], num_train / num_steps / learning_rates [R], rngs [R, 2].
+
+    Every run scans `steps` steps (the largest epoch of the group); steps past a run's
+    own `num_steps` leave it unchanged, so each run gets exactly the updates it would get
+    alone. Metrics are [R] means over each run's own steps.
+    """
+    epoch = functools.partial(_epoch, data=data, window=window, batch_size=batch_size,
+                              steps=steps)
+    return jax.vmap(lambda s, i, n, r, lr, k: epoch(s, train_idx=i, num_train=n, rng=r,
+                                                    learning_rate=lr, num_steps=k))(
+        states, train_idx, num_train, rngs, learning_rates, num_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("length",))
-def predict_batch(state: TrainState, data: input_pipeline.DeviceData, idx: Array, *,
-                  length: int) -> dict[str, Array]:
-    """Scores of the videos `idx` [E], all segments, padded to the bucket `length`."""
+def predict_batches(states: TrainState, data: input_pipeline.DeviceData, idx: Array, *,
+                    length: int) -> dict[str, Array]:
+    """Scores [R, E] of the videos `idx` [E] under each of the R stacked `states`, all
+    segments, padded to the bucket `length`."""
     inputs, valid = input_pipeline.gather_eval_batch(data, idx, length)
-    return eval_step(state, {"inputs": inputs, "valid": valid})
+    return jax.vmap(lambda s: eval_step(s, {"inputs": inputs, "valid": valid}))(states)
+
+
+def evaluate_stacked(states: TrainState, data: input_pipeline.DeviceData,
+                     plan: Sequence[input_pipeline.EvalBatch]) -> dict[str, np.ndarray]:
+    """Predictions (normalised, float64) {head: [R, N]} of the R stacked `states` for the
+    videos of `plan`, at their dataset index (entries of videos not in the plan: NaN).
+
+    Each run's predictions do not depend on the other runs' values, so scoring a
+    checkpoint again in a group of the same size reproduces them bit for bit.
+    """
+    outputs = [(b, predict_batches(states, data, jnp.asarray(b.idx), length=b.length))
+               for b in plan]  # dispatch all batches before reading any back
+    result: dict[str, np.ndarray] = {}
+    for b, out in outputs:
+        for head, values in jax.device_get(out).items():
+            col = result.setdefault(head, np.full((values.shape[0], data.num_videos), np.nan))
+            col[:, b.idx[:b.count]] = np.asarray(values, np.float64)[:, :b.count]
+    return result
 
 
 def evaluate(state: TrainState, data: input_pipeline.DeviceData,
              plan: Sequence[input_pipeline.EvalBatch], indices: Sequence[int]
              ) -> dict[str, np.ndarray]:
-    """Predictions (normalised, float64) of the videos `indices`, in that order."""
-    outputs = [(b, predict_batch(state, data, jnp.asarray(b.idx), length=b.length))
-               for b in plan]  # dispatch all batches before reading any back
-    by_video: dict[str, dict[int, float]] = {}
-    for b, out in outputs:
-        for head, values in jax.device_get(out).items():
-            col = by_video.setdefault(head, {})
-            for i, v in zip(b.idx[:b.count], np.asarray(values)[:b.count]):
-                col[int(i)] = float(v)
-    return {h: np.array([col[int(i)] for i in indices]) for h, col in by_video.items()}
+    """Predictions (normalised, float64) of one run for the videos `indices`, in order."""
+    stacked = jax.tree.map(lambda a: a[None], state)
+    preds = evaluate_stacked(stacked, data, plan)
+    return {h: p[0, np.asarray(indices, np.int64)] for h, p in preds.items()}
 
 
-# ----------------------------------------------------------------------------- phase runner
-
-@dataclasses.dataclass
-class EvalSet:
-    """Videos evaluated after every epoch: dataset indices, bucketed plan, true scores."""
-
-    indices: np.ndarray
-    plan: list[input_pipeline.EvalBatch]
-    scores: np.ndarray
-
-    @classmethod
-    def make(cls, lengths: Sequence[int], indices: Sequence[int], scores: Sequence[float],
-             batch_size: int, min_bucket: int) -> "EvalSet":
-        indices = np.asarray(indices, np.int64)
-        return cls(indices, input_pipeline.make_eval_plan(lengths, indices, batch_size,
-                                                          min_bucket),
-                   np.asarray([scores[i] for i in indices], np.float64))
+def stack(trees: Sequence[Any]) -> Any:
+    """The pytrees `trees` stacked on a new leading (run) axis."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
-@dataclasses.dataclass
-class EpochBudget:
-    """Epochs this process may still train (None: unlimited); for interruption tests."""
-
-    remaining: int | None = None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.remaining is not None and self.remaining <= 0
-
-    def spend(self) -> bool:
-        """Counts one epoch; True when the budget is used up."""
-        if self.remaining is not None:
-            self.remaining -= 1
-        return self.exhausted
-
-
-def score_metrics(preds: Mapping[str, np.ndarray], scores: np.ndarray, score_max: float
-                  ) -> dict[str, dict[str, float]]:
-    """SCC and MAE (score units) per head (docs/design.md §5)."""
-    return {h: {"scc": metrics.spearman(p, scores),
-                "mae": metrics.mae(metrics.to_score_units(p, score_max), scores)}
-            for h, p in sorted(preds.items())}
-
-
-def selection_value(head_metrics: Mapping[str, Mapping[str, float]]) -> float:
-    """Mean SCC over the heads (one head, 'fused', in the fusion phase); NaN -> -inf."""
-    value = float(np.mean([m["scc"] for m in head_metrics.values()]))
-    return value if np.isfinite(value) else -np.inf
-
-
-def run_phase(state: TrainState, data: input_pipeline.DeviceData, *, rng: Array,
-              num_epochs: int, batch_size: int, window: int, train_idx: Sequence[int],
-              eval_sets: Mapping[str, EvalSet], score_max: float,
-              learning_rate, checkpoints: Any = None, checkpoint_every: int = 1,
-              writer: Any = None, desc: str = "", progress: bool = True,
-              budget: EpochBudget | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """Trains one phase for `num_epochs`, evaluating `eval_sets` ('test', 'val') each epoch.
-
-    Resumes from `checkpoints.restore_last` when a `last` step exists. The epoch-e key
-    is `fold_in(rng, e)`, so a resumed run replays exactly. The best epoch (paper
-    protocol: highest test-fold `selection_value`) is saved to `checkpoints` 'best',
-    just before the next 'last' step is (every `checkpoint_every` epochs, at the end and
-    on a stop), so a resumed run finds the best of the epochs it does not replay.
-
-    Returns (state, meta) with meta = {'history': [per-epoch dict], 'best': dict}; a
-    history entry holds epoch (1-based), loss, grad_norm, lr and, per eval set, per head
-    {'scc', 'mae'}.
-    """
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "selection": None}
-    best_state = None  # host copy of the best epoch's variables, not yet on disk
-    if checkpoints is not None:
-        restored = checkpoints.restore_last(state)
-        if restored is not None:
-            state, rng, meta = restored
-            history, best = list(meta["history"]), dict(meta["best"])
-    train_idx = np.asarray(train_idx)
-    steps = input_pipeline.steps_per_epoch(len(train_idx), batch_size)
-    padded = jnp.asarray(input_pipeline.pad_indices(train_idx, data.num_videos))
-    num_train = jnp.int32(len(train_idx))
-    start = len(history)
-    bar = tqdm.tqdm(total=num_epochs, initial=start, desc=desc, disable=not progress,
-                    dynamic_ncols=True, leave=True)
-    for epoch in range(start + 1, num_epochs + 1):
-        if budget is not None and budget.exhausted:
-            bar.close()
-            raise StopRequested(f"stopped before epoch {epoch} of {desc or 'a phase'} "
-                                "(debug.stop_after_epochs); re-run the same command to resume.")
-        lr = float(learning_rate(epoch - 1))
-        state, train_metrics = train_epoch(state, data, padded, num_train,
-                                           jax.random.fold_in(rng, epoch), jnp.float32(lr),
-                                           window=window, batch_size=batch_size, steps=steps)
-        # Evaluation is dispatched before the training metrics are read back, so the
-        # host waits once per epoch, not once for training and again for evaluation.
-        preds = {name: evaluate(state, data, es.plan, es.indices)
-                 for name, es in eval_sets.items()}
-        entry: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        entry.update({k: float(v) for k, v in jax.device_get(train_metrics).items()})
-        for name, es in eval_sets.items():
-            entry[name] = score_metrics(preds[name], es.scores, score_max)
-        history.append(entry)
-        if "test" in entry:
-            value = selection_value(entry["test"])
-            if best["selection"] is None or value > best["selection"]:
-                best = {"epoch": epoch, "selection": value, "test": entry["test"],
-                        "predictions": {h: metrics.to_score_units(p, score_max).tolist()
-                                        for h, p in preds["test"].items()}}
-                if checkpoints is not None:  # written with the next `last` step
-                    best_state = jax.device_get(state.replace(opt_state=None))
-        if writer is not None:
-            _write_scalars(writer, entry)
-        stop = budget is not None and budget.spend()
-        persist = stop or epoch == num_epochs or epoch % max(checkpoint_every, 1) == 0
-        if checkpoints is not None and persist:
-            if best_state is not None:
-                checkpoints.save_best(best["epoch"], best_state, best)
-                best_state = None
-            checkpoints.save_last(epoch, state, rng, {"history": history, "best": best})
-        if writer is not None and persist:
-            writer.flush()  # with the checkpoints, not every epoch
-        bar.update(1)
-        bar.set_postfix(loss=f"{entry['loss']:.4f}",
-                        scc=f"{selection_value(entry['test']):.3f}" if "test" in entry else "-")
-    bar.close()
-    return state, {"history": history, "best": best}
-
-
-def _write_scalars(writer: Any, entry: Mapping[str, Any]) -> None:
-    values = {}
-    for key, value in entry.items():
-        if isinstance(value, Mapping):
-            for head, per_head in value.items():
-                values.update({f"{key}/{head}/{name}": v for name, v in per_head.items()})
-        elif key != "epoch":
-            values[f"train/{key}"] = value
-    writer.scalars(values, entry["epoch"])
+def unstack(tree: Any, index: int) -> Any:
+    """Run `index` of a stacked pytree."""
+    return jax.tree.map(lambda a: a[index], tree)

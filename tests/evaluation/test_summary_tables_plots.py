@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from surgfusion_jax.evaluation import plots, summary, tables
+from scipy import stats
+
+from surgfusion_jax.evaluation import metrics, plots, summary, tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,3 +130,49 @@ def test_plots(tmp_path):
         plots.plot_modality_weights(w, ["rgb", "flow"], str(tmp_path / "bad.png"))
     with pytest.raises(ValueError, match="equally long"):
         plots.plot_predictions([1, 2], [1], str(tmp_path / "bad.png"))
+
+
+def _seeded_folds(per_seed):
+    """Fold records with 'final' predictions: per_seed = {seed: {model: [fold scc]}}."""
+    rng = np.random.default_rng(0)
+    folds = []
+    for seed, models in per_seed.items():
+        for k in range(3):
+            rec = {"name": f"fold_{k + 1}", "seed": seed, "models": {}}
+            for model, sccs in models.items():
+                true = np.arange(8, dtype=float)
+                pred = true + (1 - sccs[k]) * 8 * rng.normal(size=8)
+                rec["models"][model] = {"predictions": {"final": {
+                    "epoch": 5, "true": true.tolist(), "pred": pred.tolist()}}}
+            folds.append(rec)
+    return folds
+
+
+def test_several_seeds_give_mean_and_t_interval_over_seeds():
+    folds = _seeded_folds({s: {"rgb": [0.5, 0.6, 0.7], "fused": [0.7, 0.8, 0.9]} for s in range(4)})
+    s = summary.summarise(folds, source="predictions")
+    per_seed = [np.mean([metrics.spearman(f["models"]["fused"]["predictions"]["final"]["pred"],
+                                          f["models"]["fused"]["predictions"]["final"]["true"])
+                         for f in folds if f["seed"] == seed]) for seed in range(4)]
+    fused = s["fused"]["final"]
+    assert fused["n_seeds"] == 4 and fused["n_folds"] == 3 and len(fused["per_fold"]) == 12
+    assert fused["scc_mean"] == pytest.approx(np.mean(per_seed))
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(per_seed), scale=stats.sem(per_seed))
+    assert fused["scc_ci95"] == pytest.approx((high - low) / 2)
+    diff = summary.paired_differences(folds, source="predictions")["fused - rgb"]["final"]
+    assert diff["unit"] == "seed" and diff["n"] == 4
+    rgb = [p["scc"] for p in s["rgb"]["final"]["per_seed"]]
+    assert diff["scc_diff"] == pytest.approx(np.mean(np.subtract(per_seed, rgb)))
+    rows = tables.comparison_rows(s)
+    assert rows[-1]["SCC (final)"] == (fused["scc_mean"], fused["scc_ci95"])  # ± is the CI
+
+
+def test_one_seed_pairs_differences_over_folds():
+    folds = _seeded_folds({0: {"rgb": [0.5, 0.6, 0.7], "fused": [0.7, 0.8, 0.9]}})
+    diff = summary.paired_differences(folds, source="predictions")["fused - rgb"]["final"]
+    per_fold = {m: [p["scc"] for p in summary.summarise(folds, "predictions")[m]["final"]["per_fold"]]
+                for m in ("rgb", "fused")}
+    d = np.subtract(per_fold["fused"], per_fold["rgb"])
+    assert diff["unit"] == "fold" and diff["n"] == 3
+    assert diff["scc_diff"] == pytest.approx(d.mean())
+    assert diff["scc_diff_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(d))

@@ -1,4 +1,4 @@
-"""Tests of surgfusion_jax/dra.py (Divergence Regulated Attention, Eqs. 11-18).
+"""Tests of surgfusion_jax/models/dra.py (Divergence Regulated Attention, Eqs. 11-18).
 
 References: `flax.linen.MultiHeadDotProductAttention` (DRA with alpha fixed and no
 diversification must reproduce it exactly) and a float64 numpy implementation of

@@ -1,9 +1,14 @@
-"""Tests of surgfusion_jax/dra_nnx.py: the NNX DRA matches the linen DRA (Eqs. 11-18).
+"""Tests of surgfusion_jax/models/dra_nnx.py: the NNX DRA (Eqs. 11-18).
 
-The linen `DRA` is itself checked against flax's attention and a numpy reference in
-tests/test_dra.py; here the NNX layer must reproduce it for the same parameters, and the
+References: `flax.nnx.MultiHeadAttention` (the positive, undiversified DRANNX must behave
+as it, bit for bit: outputs, dropout streams, sown weights, grouped keys, causal flag and
+decoding) and the linen `DRA`, itself checked against Flax's attention and float64
+references in test_dra*.py: the NNX layer must reproduce it for the same parameters in
+every form, including causal decoding and the blockwise path, and the
 `flax.nnx.bridge.ToNNX` wrapper of the linen layer must agree with both.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +119,70 @@ def test_errors():
     with pytest.raises(ValueError, match="alpha_mlp"):
         no_alpha = {"params": {n: variables["params"][n] for n in ("query", "key", "value", "out")}}
         dra_nnx_from_linen(linen, no_alpha)
+
+
+PositiveNNX = functools.partial(DRANNX, mixing="positive", diversify=False)
+
+
+def _copy_params(src, dst):
+    nnx.update(dst, nnx.state(src, nnx.Param))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_positive_matches_nnx_multi_head_attention(kv_heads):
+    q, k, v, mask, _ = _inputs()
+    kw = dict(num_heads=2, in_features=F, qkv_features=8, num_kv_heads=kv_heads,
+              dropout_rate=0.3, decode=False)
+    mha = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0, dropout=1))
+    dra = PositiveNNX(**kw, rngs=nnx.Rngs(0, dropout=1))
+    _copy_params(mha, dra)
+    for call in (dict(deterministic=True, mask=mask), dict(deterministic=True, is_causal=True),
+                 dict(deterministic=False), dict(deterministic=False, rngs=4)):
+        kv = (q,) if call.get("is_causal") else (k, v)
+        fresh = lambda: {**call, "rngs": nnx.Rngs(dropout=4)} if "rngs" in call else call
+        np.testing.assert_array_equal(dra(q, *kv, **fresh()), mha(q, *kv, **fresh()))
+    capture = lambda m: nnx.capture(m, nnx.Intermediate)(q, k, v, deterministic=True,
+                                                          sow_weights=True)[1]
+    np.testing.assert_array_equal(capture(dra)["attention_weights"][0],
+                                  capture(mha)["attention_weights"][0])
+
+
+def test_positive_decoding_matches_nnx_multi_head_attention():
+    q, *_ = _inputs()
+    kw = dict(num_heads=2, in_features=F, qkv_features=8, decode=True)
+    mha = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+    dra = PositiveNNX(**kw, rngs=nnx.Rngs(0))
+    _copy_params(mha, dra)
+    for layer in (mha, dra):
+        layer.init_cache(q.shape)
+    for t in range(LQ):
+        np.testing.assert_array_equal(dra(q[:, t:t + 1]), mha(q[:, t:t + 1]))
+    np.testing.assert_array_equal(dra.cached_key[...], mha.cached_key[...])
+    assert int(dra.cache_index[...]) == LQ
+    with pytest.raises(ValueError, match="init_cache"):
+        PositiveNNX(**kw, rngs=nnx.Rngs(0))(q[:, :1])
+
+
+def test_causal_decoding_and_blockwise_match_linen():
+    x = jax.random.normal(jax.random.key(3), (B, 6, F))
+    linen = DRA(num_heads=2, qkv_features=8, causal=True, alpha_bias_init=0.4)
+    variables = linen.init(jax.random.key(4), x)
+    full = linen.apply(variables, x)
+    layer = dra_nnx_from_linen(linen, variables)
+    np.testing.assert_allclose(layer(x), full, atol=1e-6)
+    np.testing.assert_allclose(layer(x, decode=False), full, atol=1e-6)
+    layer.init_cache(x.shape)
+    assert layer.cached_gram.shape == (B, 2, 2) and layer.cached_query_sum.shape == (B, 2, 4)
+    step = nnx.jit(lambda m, tok: m(tok, decode=True))
+    steps = [step(layer, x[:, t:t + 1]) for t in range(6)]
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    for causal in (False, True):
+        lin = linen.clone(causal=causal, query_block_size=4)
+        native = dra_nnx_from_linen(lin, variables)
+        np.testing.assert_allclose(native(x), lin.apply(variables, x), atol=1e-6)
+    plain = dra_nnx_from_linen(linen.clone(causal=False), variables)
+    with pytest.raises(ValueError, match="causal=True"):
+        plain.init_cache(x.shape)
+        plain(x[:, :1], decode=True)
+    # is_causal=True at the call gives the causal statistics as well
+    np.testing.assert_allclose(plain(x, is_causal=True), full, atol=1e-6)

@@ -49,12 +49,15 @@ def test_last_round_trip_is_exact(tmp_path):
                   state.apply_gradients(grads=grads).params)
 
 
-def test_only_the_newest_step_is_kept_and_no_temporaries_remain(tmp_path):
+def test_the_two_newest_steps_are_kept_and_no_temporaries_remain(tmp_path):
     ck = checkpoints.PhaseCheckpoints(tmp_path)
     for epoch in (1, 2, 3):
         ck.save_last(epoch, _state(steps=epoch), jax.random.PRNGKey(0), {"history": []})
     assert ck.last_epoch() == 3
-    assert sorted(os.listdir(tmp_path / "last")) == ["3"]
+    assert sorted(os.listdir(tmp_path / "last")) == ["2", "3"]
+    restored, _, meta = ck.restore_last(_state(), epoch=2)  # a group resuming one save back
+    assert meta["epoch"] == 2 and int(restored.step) == 2
+    assert sorted(os.listdir(tmp_path / "last")) == ["2"]  # the newer step is discarded
 
 
 def test_best_is_written_once_per_epoch_and_pruned_on_resume(tmp_path):

@@ -5,6 +5,8 @@ functions compile once for the whole file (the compile is most of its run time).
 """
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from surgfusion_jax.data import feature_dataset as fd, input_pipeline as ip
 from surgfusion_jax.training import checkpoints, cross_validation as cv, train
 
 N, DIM = 32, 16
+SCORE_MAX = 30.0  # config_lib's default
 META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))
 
 
@@ -108,7 +111,8 @@ def test_full_run_writes_results_tables_and_checkpoints(full_run):
             final = model["predictions"]["final"]
             assert len(final["pred"]) == len(f["test"]) and final["video_ids"] == sorted(f["test"])
         for phase in train.PHASES:
-            assert os.listdir(os.path.join(workdir, "checkpoints", f["name"], phase, "last")) == ["3"]
+            assert sorted(os.listdir(os.path.join(workdir, "checkpoints", f["name"], phase,
+                                                  "last"))) == ["2", "3"]
             assert os.listdir(os.path.join(workdir, "tensorboard", f["name"], phase))
     summary = results["summary"]
     for model in ("rgb", "flow", "mask", "fused"):
@@ -130,15 +134,16 @@ class SimulatedKill(Exception):
 def test_interrupted_run_resumes_to_identical_results(full_run, data_dir, tmp_path, monkeypatch):
     reference_dir, _ = full_run
     workdir = str(tmp_path / "resumed")
-    # 1. A clean stop after 4 epochs (fold_1: unimodal 1-3, fusion 1).
+    # 1. A clean stop after 4 epochs (both folds, one group: unimodal 1-3, fusion 1).
     with pytest.raises(train.StopRequested):
         cv.run_cross_validation(_config(data_dir, "noise", debug__stop_after_epochs=4), workdir)
-    # 2. A kill just before fold_2's unimodal epoch 3 reaches disk (its `best` may be
-    #    written already): the resumed run restarts from epoch 2 and replays epoch 3.
+    # 2. A kill just before fold_2's fusion epoch 3 reaches disk, after fold_1's did: the
+    #    group resumes from epoch 2, which both saved (fold_1 goes one save back), and
+    #    replays epoch 3.
     save_last = checkpoints.PhaseCheckpoints.save_last
 
     def killed(self, epoch, *args, **kwargs):
-        if epoch == 3 and self.directory.endswith(os.path.join("fold_2", "unimodal")):
+        if epoch == 3 and self.directory.endswith(os.path.join("fold_2", "fusion")):
             raise SimulatedKill
         return save_last(self, epoch, *args, **kwargs)
 
@@ -146,7 +151,9 @@ def test_interrupted_run_resumes_to_identical_results(full_run, data_dir, tmp_pa
     with pytest.raises(SimulatedKill):
         cv.run_cross_validation(_config(data_dir, "noise"), workdir)
     monkeypatch.undo()
-    assert os.listdir(os.path.join(workdir, "checkpoints", "fold_2", "unimodal", "last")) == ["2"]
+    last = os.path.join(workdir, "checkpoints", "{}", "fusion", "last")
+    assert sorted(os.listdir(last.format("fold_1"))) == ["2", "3"]
+    assert sorted(os.listdir(last.format("fold_2"))) == ["1", "2"]  # fusion 1 (stop), 2
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     cv.run_cross_validation(_config(data_dir, "noise"), workdir)
     with open(os.path.join(reference_dir, "results.json")) as a, \
@@ -193,9 +200,9 @@ def test_eval_compiles_once_per_bucket(full_run):
     plan = ip.make_eval_plan(lengths, np.arange(N), 5, 16)  # a new batch size: fresh compiles
     buckets = {b.length for b in plan}
     assert len(set(lengths)) > 2 * len(buckets) and len(plan) > len(buckets)
-    before = train.predict_batch._cache_size()
+    before = train.predict_batches._cache_size()
     train.evaluate(state, data, plan, np.arange(N))
-    assert train.predict_batch._cache_size() - before == len(buckets)
+    assert train.predict_batches._cache_size() - before == len(buckets)
 
 
 def test_learns_a_linear_skill_signal(data_dir, tmp_path):
@@ -221,3 +228,67 @@ def test_config_and_data_errors_name_the_fix(data_dir, tmp_path, full_run):
     workdir, _ = full_run  # resuming with other settings would mix two runs
     with pytest.raises(cv.ConfigError, match="another config.*unimodal"):
         cv.run_cross_validation(_config(data_dir, "noise", unimodal__num_epochs=4), workdir)
+
+
+def test_a_group_of_runs_equals_each_run_alone(data_dir, tmp_path):
+    """Two seeds x two folds trained as one vmapped program give, per run, the history and
+    predictions of that fold and seed trained alone (max_runs_per_program=1).
+
+    Batched and single matrix products round differently (~1e-7). The unimodal phase
+    carries that along: equal to 1e-5 of the normalised output. In the fusion phase the
+    PolicyNet's hard argmax turns round-off into a different candidate mask now and then,
+    so the fused model agrees in loss to 1e-5 but its predictions only to 1e-3."""
+    kw = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=2, checkpoint_every_epochs=10)
+    together, run = cv.run_cross_validation(_config(data_dir, "noise", **kw),
+                                            str(tmp_path / "together"))
+    alone, _ = cv.run_cross_validation(_config(data_dir, "noise", max_runs_per_program=1, **kw),
+                                       str(tmp_path / "alone"))
+    assert [len(g) for g in run.groups()] == [4]
+    assert [(f["seed"], f["name"]) for f in together["folds"]] == [
+        (0, "fold_1"), (0, "fold_2"), (1, "fold_1"), (1, "fold_2")]
+    assert os.path.isdir(tmp_path / "together" / "checkpoints" / "seed_1" / "fold_2" / "fusion")
+    normalised = 2 * SCORE_MAX  # score units per unit of model output
+    for a, b in zip(together["folds"], alone["folds"]):
+        assert (a["seed"], a["name"], a["val"]) == (b["seed"], b["name"], b["val"])
+        for model in ("rgb", "flow", "mask", "fused"):
+            tol = 1e-5 if model != "fused" else 1e-3
+            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
+                assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
+                if model != "fused":
+                    assert ha["scc"] == pytest.approx(hb["scc"], abs=1e-5)
+                for key in ("mae", "val_mae"):
+                    assert ha[key] == pytest.approx(hb[key], abs=tol * normalised)
+            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
+                                       b["models"][model]["predictions"]["final"]["pred"],
+                                       atol=tol * normalised)
+    # the two seeds are different runs of the same folds
+    assert together["folds"][0]["models"]["fused"]["history"][-1]["loss"] != \
+        together["folds"][2]["models"]["fused"]["history"][-1]["loss"]
+
+
+def test_runs_sharded_over_four_devices_match_one_device(data_dir, tmp_path):
+    """The group's run axis sharded over 4 (forced host) devices, one run each, gives the
+    results of one device (round-off as in `test_a_group_of_runs_equals_each_run_alone`)."""
+    kw = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=1, checkpoint_every_epochs=10)
+    one, _ = cv.run_cross_validation(_config(data_dir, "noise", **kw), str(tmp_path / "one"))
+    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "import jax, numpy as np; assert jax.device_count() == 4, jax.devices()\n"
+            "from surgfusion_jax.training import phase\n"
+            "assert len(phase.place_runs(np.zeros((4, 2)), 4).sharding.device_set) == 4\n"
+            "import test_cross_validation as t\n"
+            "from surgfusion_jax.training import cross_validation as cv\n"
+            f"r, _ = cv.run_cross_validation(t._config({str(data_dir)!r}, 'noise', **{kw!r}), "
+            f"{str(tmp_path / 'four')!r})\n")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "four" / "results.json") as f:
+        four = json.load(f)
+    for a, b in zip(one["folds"], four["folds"]):
+        assert (a["seed"], a["name"]) == (b["seed"], b["name"])
+        for model in ("rgb", "flow", "mask", "fused"):
+            tol = (1e-5 if model != "fused" else 1e-3) * 2 * SCORE_MAX
+            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
+                                       b["models"][model]["predictions"]["final"]["pred"], atol=tol)

@@ -37,16 +37,18 @@ def test_load_run_restores_and_scores_what_training_reported(trained):
     loaded = runs.load_run(workdir)
     assert [f.name for f in loaded.folds] == [f.name for f in in_memory.folds]
     assert loaded.model == in_memory.model
-    for fold in results["folds"]:
-        test = loaded.eval_set(fold["test"])
-        for phase, heads in (("unimodal", ("rgb", "flow", "mask")), ("fusion", ("fused",))):
-            variables, meta = runs.restore(loaded, fold["name"], phase, "last")
-            assert meta["epoch"] == 2
-            preds = runs.evaluate(loaded, variables, test.indices, phase)
+    (group,) = loaded.groups()
+    assert [m.name for m in group] == [f["name"] for f in results["folds"]]
+    for phase, heads in (("unimodal", ("rgb", "flow", "mask")), ("fusion", ("fused",))):
+        restored = [runs.restore(loaded, m.name, phase, "last") for m in group]
+        assert all(meta["epoch"] == 2 for _, meta in restored)
+        preds = runs.evaluate(loaded, group, [v for v, _ in restored], phase)
+        for fold, member, pred in zip(results["folds"], group, preds):
+            test = loaded.eval_set(member.fold.test)
             for head in heads:
                 reported = fold["models"][head]["predictions"]["final"]
                 assert reported["video_ids"] == [loaded.samples[i]["video_id"] for i in test.indices]
-                got = metrics.to_score_units(preds[head], loaded.config.data.score_max)
+                got = metrics.to_score_units(pred[head][test.indices], loaded.config.data.score_max)
                 np.testing.assert_array_equal(got, reported["pred"])  # bit for bit
 
 
