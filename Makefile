@@ -27,11 +27,14 @@ demo: $(STAMP)
 	$(PY) -m data_prep.synthskill_setup --config=configs/demo.py
 	$(PY) -m surgfusion_jax.main --config=configs/demo.py
 
-## Benchmarks (JSON on stdout).
+## Benchmarks (JSON on stdout). The PAMFN side by side and the whole protocol take options:
+## see docs/performance.md.
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/prep.py
 	$(PY) benchmarks/conv_in_scan.py
+	$(PY) benchmarks/dra.py --lengths=1024,4096
+	$(PY) benchmarks/protocol.py --seeds=1,4 --epochs=5
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data_prep import prepare, synthskill  # noqa: E402
@@ -73,6 +73,7 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if flags.FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+    logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
     try:
         ensure_features(config, progress=config.get("progress_bar", True))

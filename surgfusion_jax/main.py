@@ -59,7 +59,8 @@ def run(config) -> int:
     if "fused" in results["summary"]:
         print(f"modality curves: {os.path.join(workdir, 'plots', 'csfb')}/csfb_<video>.png "
               "(Fig. 4 style, videos across the score range) and predictions.csv")
-    print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/<fold>/<phase>/(best|last)")
+    member = "seed_<s>/<fold>" if config.num_seeds > 1 else "<fold>"
+    print(f"checkpoints   : {os.path.join(workdir, 'checkpoints')}/{member}/<phase>/(best|last)")
     note = feature_dataset.backbone_note(run_data.dataset.metadata, config.data.name)
     if note:
         print(note)

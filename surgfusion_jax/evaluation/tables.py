@@ -138,7 +138,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Protocol 'paper' = best "
              "test-fold epoch (optimistic, as in the paper); 'final' = last epoch; 'val-selected' = best "
              "inner-validation epoch.", ""]
-    body = markdown_table(comparison_rows(summary, results.get("paper")))
+    body = "\n" + markdown_table(comparison_rows(summary, results.get("paper")))
     if results.get("comparisons"):
         body += ("\n## Paired differences\n\nFused minus each branch, paired over seeds (or over "
                  "folds for one seed): mean ± 95% CI half width; a CI that excludes 0 is a "
