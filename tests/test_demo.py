@@ -24,6 +24,7 @@ def test_demo_path_end_to_end(tmp_path, capsys):
     synth.min_seconds, synth.max_seconds = 3.5, 4.5  # one 32-frame segment at 10 FPS
     config.data.window = 4
     config.cv.num_folds = 2
+    config.num_seeds = 2  # the shipped demo trains 5: seeds x folds in one program
     for phase in (config.unimodal, config.fusion):
         phase.num_epochs = 2
 
@@ -38,13 +39,15 @@ def test_demo_path_end_to_end(tmp_path, capsys):
         assert line in out
     results = json.loads((run / "results.json").read_text())
     assert set(results["summary"]) == {"rgb", "flow", "mask", "fused"}
-    assert len(results["folds"]) == 2
+    assert [(f["seed"], f["name"]) for f in results["folds"]] == [
+        (0, "fold_1"), (0, "fold_2"), (1, "fold_1"), (1, "fold_2")]
+    assert "fused - rgb" in results["comparisons"]  # paired over the two seeds
     md = (run / "results.md").read_text()
     assert "fused" in md and "SCC" in md
     for model in ("rgb", "flow", "mask", "fused"):
         assert os.path.getsize(run / "plots" / f"predictions_{model}.png") > 1000
     curves = [f for f in os.listdir(run / "plots" / "csfb") if f.startswith("csfb_")]
-    assert len(curves) == 8  # one Fig. 4-style plot per video
+    assert len(curves) == 8  # one Fig. 4-style plot per video (mean over the seeds' models)
     meta = json.loads(open(tmp_path / "features" / "synthskill" / "1.0.0"
                            / "surgfusion_metadata.json").read())
     assert meta["source"] == "synthskill" and meta["image_size"] == 32

@@ -1,5 +1,8 @@
 """The finished-run loader (`training.runs`): what it restores and scores is exactly what
 training reported, and a missing run or checkpoint is a clear `UserError`."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -75,3 +78,19 @@ def test_load_run_names_a_missing_dataset(trained, tmp_path):
         runs.load_run(workdir, data_dir=str(tmp_path))  # the features were moved away
     moved = runs.load_run(workdir, data_dir=run.config.data.data_dir, name="toy")
     assert [s["video_id"] for s in moved.samples] == [s["video_id"] for s in run.samples]
+
+
+def test_a_run_refuses_features_made_differently(trained, tmp_path):
+    """The run records its dataset's feature metadata; loading it with features from
+    another backbone (e.g. new videos prepared with other --backbones) is refused."""
+    workdir, _, run = trained
+    saved = os.path.join(workdir, runs.FEATURES_FILE)
+    with open(saved) as f:
+        assert json.load(f)["backbone"] == META["backbone"]
+    other = dict(META, backbone="another_backbone")
+    rng = np.random.default_rng(1)
+    fd.write_feature_dataset(str(tmp_path), "other", [
+        dict(video_id="x", score=10.0, **{m: rng.normal(size=(3, DIM)) for m in fd.MODALITIES})],
+        other, feature_dim=DIM)
+    with pytest.raises(fd.DatasetError, match="made differently"):
+        runs.load_run(workdir, data_dir=str(tmp_path), name="other")
