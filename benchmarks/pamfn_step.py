@@ -47,6 +47,19 @@ def _time(step, warmup: int, steps: int) -> dict:
             "min_ms": 1e3 * min(times)}
 
 
+def _training_step(torch, model, opt, feats, label):
+    """One step as PAMFN's `pipeline.train_epoch` takes it: forward, its MSE loss,
+    backward, global-norm clip 2, optimizer step."""
+    def step():
+        pred, _ = model(feats)
+        loss = model.call_loss(pred, label)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2)
+        opt.step()
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pamfn_dir", required=True)
@@ -80,16 +93,8 @@ def main() -> None:
         model = branches["V"]
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4)
-
-        def unimodal_step():
-            pred, _ = model(feats)
-            loss = model.call_loss(pred, label)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2)
-            opt.step()
-
-        report["phases"]["unimodal_per_branch"] = _time(unimodal_step, args.warmup, args.steps)
+        report["phases"]["unimodal_per_branch"] = _time(
+            _training_step(torch, model, opt, feats, label), args.warmup, args.steps)
 
     if "fusion" in args.phases:
         with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -110,16 +115,8 @@ def main() -> None:
             torch.load = load
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def fusion_step():
-            pred, _ = model(feats)
-            loss = model.call_loss(pred, label)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2)
-            opt.step()
-
-        report["phases"]["fusion"] = _time(fusion_step, args.warmup, args.steps)
+        report["phases"]["fusion"] = _time(
+            _training_step(torch, model, opt, feats, label), args.warmup, args.steps)
     for phase in report["phases"].values():
         phase["samples_per_s"] = b / (phase["median_ms"] / 1e3)
     print(json.dumps(report, indent=1))
