@@ -173,6 +173,7 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         train_metrics = jax.device_get(train_metrics)
         stop = budget is not None and budget.spend()
         persist = stop or epoch == num_epochs or epoch % max(checkpoint_every, 1) == 0
+        host = _HostCopy(states)  # one transfer per epoch at most, sliced per run on the host
         for r, m in enumerate(members):
             entry: dict[str, Any] = {"epoch": epoch, "lr": lr}
             entry.update({k: float(v[r]) for k, v in train_metrics.items()})
@@ -189,15 +190,14 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
                                                                           score_max).tolist()
                                                 for h, p in preds.items()}}
                     if m.checkpoints is not None:  # written with the next `last` step
-                        best_states[r] = jax.device_get(
-                            train.unstack(states, r).replace(opt_state=None))
+                        best_states[r] = host.variables(r)
             if m.writer is not None:
                 _write_scalars(m.writer, entry)
             if m.checkpoints is not None and persist:
                 if best_states[r] is not None:
                     m.checkpoints.save_best(bests[r]["epoch"], best_states[r], bests[r])
                     best_states[r] = None
-                m.checkpoints.save_last(epoch, train.unstack(states, r), m.rng,
+                m.checkpoints.save_last(epoch, host.run(r), m.rng,
                                         {"history": histories[r], "best": bests[r]})
             if m.writer is not None and persist:
                 m.writer.flush()  # with the checkpoints, not every epoch
@@ -208,6 +208,29 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         preds = train.evaluate_stacked(states, data, plan)
     return states, [{"history": h, "best": b, "final": {k: p[r] for k, p in preds.items()}}
                     for r, (h, b) in enumerate(zip(histories, bests))]
+
+
+class _HostCopy:
+    """The stacked states copied to the host on first use, sliced per run there: indexing
+    every leaf of a stacked TrainState on the device costs one dispatch per leaf. Model
+    variables alone (for `best`) skip the optimizer state."""
+
+    def __init__(self, states: Any):
+        self._states, self._full, self._variables = states, None, None
+
+    def run(self, index: int) -> Any:
+        """Run `index`'s whole TrainState (host arrays)."""
+        if self._full is None:
+            self._full = jax.device_get(self._states)
+        return jax.tree.map(lambda a: a[index], self._full)
+
+    def variables(self, index: int) -> Any:
+        """Run `index`'s TrainState without its optimizer state (host arrays)."""
+        if self._full is not None:
+            return self.run(index).replace(opt_state=None)
+        if self._variables is None:
+            self._variables = jax.device_get(self._states.replace(opt_state=None))
+        return jax.tree.map(lambda a: a[index], self._variables)
 
 
 def run_single_phase(state: Any, data: input_pipeline.DeviceData, *, rng: Array,
