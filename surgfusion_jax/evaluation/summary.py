@@ -20,6 +20,7 @@ Results dict (written to `<workdir>/results.json`; NaN/inf are stored as null):
     'comparisons': {'fused - <model>': {protocol: {'scc_diff', 'scc_diff_ci95',
                     'mae_diff', 'mae_diff_ci95', 'n', 'unit'}}},  # `paired_differences`
     'paper':   {model: {'scc': float | None, 'mae': float | None}},         # optional
+    'features_note': str | None,  # the features are not the paper's backbones (optional)
   }
 
 A fold record of a run trained with several seeds also holds its 'seed'.

@@ -135,6 +135,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     seeds = len(results.get("seeds") or [None])
     spread = (f"mean over {seeds} seeds of the fold means ± its 95% confidence interval"
               if seeds > 1 else "mean ± std over folds")
+    if results.get("features_note"):  # the features are not the paper's backbones'
+        head += [results["features_note"], ""]
     head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Protocol 'paper' = best "
              "test-fold epoch (optimistic, as in the paper); 'final' = last epoch; 'val-selected' = best "
              "inner-validation epoch.", ""]

@@ -150,7 +150,8 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
     records = [record for group in run.groups() for record in run_group(run, group, budget)]
     results = {"config": run_config_dict(config), "dataset": config.data.name,
                "scheme": config.cv.scheme, "seed": config.seed, "seeds": run.seeds,
-               "score_max": config.data.score_max, "folds": records}
+               "score_max": config.data.score_max, "folds": records,
+               "features_note": feature_dataset.backbone_note(dataset.metadata, config.data.name)}
     written = summary.write_results(workdir, results, paper=_paper_numbers(config))
     return written["results"], run
 
