@@ -141,42 +141,43 @@ def paired_differences(folds: Sequence[Mapping[str, Any]], source: str = "histor
     mae_diff_ci95, n, unit}}}: the paired difference of `reference` and every other model,
     paired over seeds (their fold means) when the records hold several seeds, else over
     folds; mean and 95% CI half width (Student's t)."""
-    seeds = _seeds(folds)
-    if len(seeds) > 1:
-        units = {seed: _summarise_folds([f for f in folds if f.get("seed") == seed], source)
-                 for seed in seeds}
-        unit = "seed"
-
-        def reading(model, protocol):
-            entries = [units[s].get(model, {}).get(protocol) for s in seeds]
-            if any(e is None for e in entries):
-                return None
-            return [(e["scc_mean"], e["mae_mean"]) for e in entries]
-    else:
-        summary, unit = _summarise_folds(folds, source), "fold"
-
-        def reading(model, protocol):
-            entry = summary.get(model, {}).get(protocol)
-            return None if entry is None else {p["fold"]: (p["scc"], p["mae"])
-                                               for p in entry["per_fold"]}
+    unit, readings = _readings_by_unit(folds, source)
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    models = {m for f in folds for m in f.get("models", {})} - {reference}
-    for model in sorted(models, key=lambda m: (MODEL_ORDER + (m,)).index(m)):
-        for protocol in (PROTOCOLS if source == "history" else tuple(PREDICTION_KEYS)):
-            ref, other = reading(reference, protocol), reading(model, protocol)
-            if ref is None or other is None:
+    for model in readings:
+        if model == reference:
+            continue
+        for protocol, other in readings[model].items():
+            ref = readings.get(reference, {}).get(protocol, {})
+            common = [k for k in ref if k in other]  # units both models have
+            if not common:
                 continue
-            if isinstance(ref, dict):  # folds: pair the folds both models have
-                common = [k for k in ref if k in other]
-                ref, other = [ref[k] for k in common], [other[k] for k in common]
-            if not ref:
-                continue
-            scc = metrics.mean_ci95([a[0] - b[0] for a, b in zip(ref, other)])
-            mae = metrics.mean_ci95([a[1] - b[1] for a, b in zip(ref, other)])
+            scc = metrics.mean_ci95([ref[k][0] - other[k][0] for k in common])
+            mae = metrics.mean_ci95([ref[k][1] - other[k][1] for k in common])
             out.setdefault(f"{reference} - {model}", {})[protocol] = {
                 "scc_diff": scc[0], "scc_diff_ci95": scc[1], "mae_diff": mae[0],
-                "mae_diff_ci95": mae[1], "n": len(ref), "unit": unit}
+                "mae_diff_ci95": mae[1], "n": len(common), "unit": unit}
     return out
+
+
+def _readings_by_unit(folds: Sequence[Mapping[str, Any]], source: str
+                      ) -> tuple[str, dict[str, dict[str, dict[Any, tuple[float, float]]]]]:
+    """('seed' | 'fold', {model: {protocol: {unit: (scc, mae)}}}): one reading per seed
+    (its fold means) when the records hold several seeds, else one per fold."""
+    seeds = _seeds(folds)
+    out: dict[str, dict[str, dict[Any, tuple[float, float]]]] = {}
+    if len(seeds) > 1:
+        for seed in seeds:
+            per_seed = _summarise_folds([f for f in folds if f.get("seed") == seed], source)
+            for model, by_protocol in per_seed.items():
+                for protocol, e in by_protocol.items():
+                    out.setdefault(model, {}).setdefault(protocol, {})[seed] = (
+                        e["scc_mean"], e["mae_mean"])
+        return "seed", out
+    for model, by_protocol in _summarise_folds(folds, source).items():
+        for protocol, e in by_protocol.items():
+            out.setdefault(model, {})[protocol] = {p["fold"]: (p["scc"], p["mae"])
+                                                   for p in e["per_fold"]}
+    return "fold", out
 
 
 def _seeds(folds: Sequence[Mapping[str, Any]]) -> list:

@@ -132,11 +132,7 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
     validate_config(config)
     workdir = workdir or resolve_workdir(config)
     dataset = feature_dataset.load_feature_dataset(config.data.data_dir, config.data.name)
-    missing = [m for m in config.data.modalities if m not in dataset.modalities]
-    if missing:
-        raise ConfigError(f"config.data.modalities: {missing} not in dataset {dataset.path!r} "
-                          f"(it has {list(dataset.modalities)}); drop them with "
-                          f"--config.data.modalities or prepare them.")
+    runs.check_modalities(config, dataset)  # before anything is written
     os.makedirs(workdir, exist_ok=True)
     _check_or_write_config(workdir, config)
     runs.check_or_write_features(workdir, dataset)
@@ -178,21 +174,21 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
     config, samples = run.config, run.samples
     eval_sets = [run.eval_sets(m) for m in group]
     test_ids = [[samples[i]["video_id"] for i in es["test"].indices] for es in eval_sets]
-    variables = [train.init_variables(run.model, jax.random.fold_in(m.key, 0), run.feature_dim)
-                 for m in group]
+    variables = train.stack([train.init_variables(run.model, jax.random.fold_in(m.key, 0),
+                                                  run.feature_dim) for m in group])
     records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.train), "val": list(m.val),
                 "test": list(m.fold.test), "models": {}} for m in group]
     desc = group[0].name if len(group) == 1 else f"{len(group)} runs"
     for p, phase_name in enumerate(train.PHASES):
         cfg = config[phase_name]
         if p > 0 and config.fusion.init_from == "best":
-            variables = [runs.restore(run, m.name, train.PHASES[p - 1], "best")[0] for m in group]
+            variables = train.stack([runs.restore(run, m.name, train.PHASES[p - 1], "best")[0]
+                                     for m in group])
         # init_from 'last': `variables` already hold the previous phase's final states
-        tx = train.make_optimizer(phase_name, cfg)
-        states = train.stack([train.create_train_state(run.model, v, tx, phase_name,
-                                                       learning_rate=cfg.learning_rate,
-                                                       loss_alpha=config.loss_alpha)
-                              for v in variables])
+        states = train.create_train_states(run.model, variables,
+                                           train.make_optimizer(phase_name, cfg), phase_name,
+                                           learning_rate=cfg.learning_rate,
+                                           loss_alpha=config.loss_alpha)
         members = [phase.Member(
             m.name, np.array([run.position[v] for v in m.train]), es,
             jax.random.fold_in(m.key, p + 1),
@@ -213,12 +209,10 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
             for m in members:
                 m.writer.close()
                 m.checkpoints.close()
-        variables = []
-        for r, (record, meta, es) in enumerate(zip(records, metas, eval_sets)):
-            state = train.unstack(states, r)
-            variables.append({"params": state.params, "batch_stats": state.batch_stats})
+        variables = {"params": states.params, "batch_stats": states.batch_stats}  # stacked
+        for record, meta, es, ids in zip(records, metas, eval_sets, test_ids):
             final = {h: p[es["test"].indices] for h, p in meta["final"].items()}
-            record["models"].update(_model_records(meta, final, es["test"], test_ids[r],
+            record["models"].update(_model_records(meta, final, es["test"], ids,
                                                    config.data.score_max))
     return records
 

@@ -89,10 +89,11 @@ def selection_value(head_metrics: Mapping[str, Mapping[str, float]]) -> float:
     return value if np.isfinite(value) else -np.inf
 
 
-def eval_plan(data: input_pipeline.DeviceData, members: Sequence[Member], batch_size: int,
-              min_bucket: int) -> list[input_pipeline.EvalBatch]:
-    """The bucketed plan over the union of the members' evaluation videos."""
-    indices = sorted({int(i) for m in members for es in m.eval_sets.values()
+def eval_plan(data: input_pipeline.DeviceData, eval_sets: Sequence[Mapping[str, EvalSet]],
+              batch_size: int, min_bucket: int) -> list[input_pipeline.EvalBatch]:
+    """The bucketed plan over the union of the runs' evaluation videos (`eval_sets`: each
+    run's {'test': ..., 'val': ...})."""
+    indices = sorted({int(i) for sets in eval_sets for es in sets.values()
                       for i in es.indices})
     lengths = np.asarray(data.lengths)
     return input_pipeline.make_eval_plan(lengths, indices, batch_size, min_bucket)
@@ -109,6 +110,12 @@ def place_runs(tree: Any, num_runs: int) -> Any:
     mesh = jax.sharding.Mesh(np.asarray(devices), ("runs",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
     return jax.device_put(tree, sharding)
+
+
+@jax.jit
+def _epoch_keys(rngs: Array, epoch: Array) -> Array:
+    """`fold_in(rng, epoch)` of every run's key [R] in one call."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, epoch)
 
 
 def _resume(states: Any, members: Sequence[Member]) -> tuple[Any, list, list, int]:
@@ -147,11 +154,12 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
     states = place_runs(states, len(members))
     n = data.num_videos
     steps = [input_pipeline.steps_per_epoch(len(m.train_idx), batch_size) for m in members]
-    padded, num_train, num_steps = place_runs(
+    padded, num_train, num_steps, rngs, lrs = place_runs(
         (np.stack([input_pipeline.pad_indices(m.train_idx, n) for m in members]),
          np.asarray([len(m.train_idx) for m in members], np.int32),
-         np.asarray(steps, np.int32)), len(members))
-    plan = eval_plan(data, members, eval_batch_size, min_bucket)
+         np.asarray(steps, np.int32), jnp.stack([m.rng for m in members]),
+         np.ones((len(members),), np.float32)), len(members))
+    plan = eval_plan(data, [m.eval_sets for m in members], eval_batch_size, min_bucket)
     best_states: list[Any] = [None] * len(members)  # host copies not yet on disk
     bar = tqdm.tqdm(total=num_epochs, initial=start, desc=desc, disable=not progress,
                     dynamic_ncols=True, leave=True)
@@ -162,11 +170,9 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
             raise StopRequested(f"stopped before epoch {epoch} of {desc or 'a phase'} "
                                 "(debug.stop_after_epochs); re-run the same command to resume.")
         lr = float(learning_rate(epoch - 1))
-        keys, lrs = place_runs((jnp.stack([jax.random.fold_in(m.rng, epoch) for m in members]),
-                                np.full((len(members),), lr, np.float32)), len(members))
         states, train_metrics = train.train_epochs(
-            states, data, padded, num_train, num_steps, keys, lrs, window=window,
-            batch_size=batch_size, steps=max(steps))
+            states, data, padded, num_train, num_steps, _epoch_keys(rngs, epoch), lrs * lr,
+            window=window, batch_size=batch_size, steps=max(steps))
         # Evaluation is dispatched before the training metrics are read back, so the
         # host waits once per epoch, not once for training and again for evaluation.
         preds = train.evaluate_stacked(states, data, plan)

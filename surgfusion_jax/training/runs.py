@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -36,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from surgfusion_jax import errors
-from surgfusion_jax.io import write_json
+from surgfusion_jax.io import read_json, write_json
 from surgfusion_jax.data import feature_dataset, input_pipeline, splits
 from surgfusion_jax.models.surgfusion import SurgFusionNet
 from surgfusion_jax.training import checkpoints, phase as phase_lib, train
@@ -100,10 +99,14 @@ class RunData:
         chosen = set(self.config.cv.folds or range(1, len(self.folds) + 1))
         return [(k, f) for k, f in enumerate(self.folds) if k + 1 in chosen]
 
+    @functools.cached_property
+    def scores(self) -> list[float]:
+        """The score (score units) of every sample."""
+        return [float(s["score"]) for s in self.samples]
+
     def eval_set(self, video_ids: Sequence[str]) -> phase_lib.EvalSet:
         """The dataset indices and true scores of `video_ids`."""
-        scores = [float(s["score"]) for s in self.samples]
-        return phase_lib.EvalSet.make([self.position[v] for v in video_ids], scores)
+        return phase_lib.EvalSet.make([self.position[v] for v in video_ids], self.scores)
 
     def eval_sets(self, member: MemberSpec) -> dict[str, phase_lib.EvalSet]:
         """A member's evaluation sets: 'test' and, with an inner split, 'val'."""
@@ -140,16 +143,22 @@ class RunData:
         return os.path.join(self.workdir, "checkpoints", member, phase)
 
 
+def check_modalities(config: ml_collections.ConfigDict,
+                     dataset: feature_dataset.FeatureDataset) -> None:
+    """Raises DatasetError when `dataset` lacks a modality of `config.data.modalities`."""
+    missing = [m for m in config.data.modalities if m not in dataset.modalities]
+    if missing:
+        raise feature_dataset.DatasetError(
+            f"config.data.modalities: {missing} not in dataset {dataset.path!r} (it has "
+            f"{list(dataset.modalities)}); prepare them, or drop them with "
+            "--config.data.modalities.")
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str,
             dataset: feature_dataset.FeatureDataset, folds: Sequence[splits.Fold]) -> RunData:
     """RunData from a loaded dataset and folds: the features go to the device once."""
+    check_modalities(config, dataset)
     modalities = tuple(config.data.modalities)
-    missing = [m for m in modalities if m not in dataset.modalities]
-    if missing:
-        raise MissingRunError(
-            f"dataset {dataset.path!r} lacks modalities {missing} the run uses (it has "
-            f"{list(dataset.modalities)}); prepare them, or drop them with "
-            "--config.data.modalities.")
     data = input_pipeline.make_device_data(dataset.samples, modalities, config.data.score_max,
                                            window=config.data.window,
                                            min_bucket=config.min_bucket)
@@ -163,8 +172,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise MissingRunError(f"{path} not found: {workdir!r} is not the workdir of a "
                               "`python -m surgfusion_jax.main` run (train it first).")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(read_json(path))
 
 
 FEATURES_FILE = "dataset_metadata.json"
@@ -177,9 +185,7 @@ def check_or_write_features(workdir: str, dataset: feature_dataset.FeatureDatase
     `workdir` trained on, recorded in `<workdir>/dataset_metadata.json` on first use."""
     path = os.path.join(workdir, FEATURES_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        feature_dataset.check_same_features({f"the run in {workdir}": saved,
+        feature_dataset.check_same_features({f"the run in {workdir}": read_json(path),
                                              dataset.path: dataset.metadata})
     elif write:
         write_json(path, dataset.metadata, sort_keys=True)
@@ -219,14 +225,12 @@ def evaluate(run: RunData, group: Sequence[MemberSpec], variables: Sequence[Mapp
 
     `plan` defaults to the group's training plan: the union of its evaluation videos."""
     cfg = run.config[phase]
-    tx = train.make_optimizer(phase, cfg)
-    states = train.stack([train.create_train_state(run.model, v, tx, phase,
-                                                   learning_rate=cfg.learning_rate,
-                                                   loss_alpha=run.config.loss_alpha)
-                          for v in variables])
+    states = train.create_train_states(run.model, train.stack(variables),
+                                       train.make_optimizer(phase, cfg), phase,
+                                       learning_rate=cfg.learning_rate,
+                                       loss_alpha=run.config.loss_alpha)
     if plan is None:
-        members = [phase_lib.Member(m.name, np.zeros(0), run.eval_sets(m), None) for m in group]
-        plan = phase_lib.eval_plan(run.data, members, run.config.eval_batch_size,
-                                   run.config.min_bucket)
+        plan = phase_lib.eval_plan(run.data, [run.eval_sets(m) for m in group],
+                                   run.config.eval_batch_size, run.config.min_bucket)
     preds = train.evaluate_stacked(states, run.data, plan)
     return [{h: p[r] for h, p in preds.items()} for r in range(len(group))]

@@ -173,6 +173,15 @@ def create_train_state(model: SurgFusionNet, variables: Mapping[str, Any],
     return with_learning_rate(state, learning_rate)
 
 
+def create_train_states(model: SurgFusionNet, variables: Mapping[str, Any],
+                        tx: optax.GradientTransformation, phase: str, *,
+                        learning_rate: float, loss_alpha: float = 0.5) -> TrainState:
+    """The TrainStates of R runs stacked on a leading axis, from their variables stacked
+    the same way: `create_train_state` of every run in one vmapped call."""
+    return jax.vmap(lambda v: create_train_state(model, v, tx, phase, learning_rate=learning_rate,
+                                                 loss_alpha=loss_alpha))(variables)
+
+
 def phase_loss(outputs: Mapping[str, Array], target: Array, weight: Array,
                alpha: float) -> Array:
     """Eq. 19 summed over the phase's heads (one head, 'fused', in the fusion phase)."""
