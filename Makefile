@@ -4,13 +4,37 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+# Pinned versions per Python (`make lock` writes them); `make demo` / `make test` install
+# with them as constraints so results do not move with new releases. `pip install -e .`
+# stays unpinned for library users.
+LOCK_PYTHONS ?= 3.10 3.11 3.12 3.13
+LOCK_VENV    ?= build/lock-venv
+UV_VERSION   ?= 0.13.9
+PY_VERSION    = $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-$(STAMP): pyproject.toml
+.PHONY: install test test-slow test-beam demo bench clean lock
+
+$(STAMP): pyproject.toml $(wildcard requirements/lock-py*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@lock=requirements/lock-py$(PY_VERSION).txt; test -f $$lock || { \
+	  echo "error: no lock file $$lock for Python $(PY_VERSION) of $(VENV); fix: use one of" \
+	    "Python $(LOCK_PYTHONS) (rm -rf $(VENV); make PYTHON=python3.11 ...) or add the" \
+	    "version to LOCK_PYTHONS and run make lock." >&2; exit 2; }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c requirements/lock-py$(PY_VERSION).txt -e '.[test]'
 	touch $(STAMP)
+
+## Regenerate requirements/lock-py<version>.txt for every Python in LOCK_PYTHONS (uv, in
+## its own venv). Existing pins are kept unless UPGRADE=1.
+lock:
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && \
+	  $(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION); }
+	mkdir -p requirements
+	for v in $(LOCK_PYTHONS); do \
+	  $(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra test --universal \
+	    --python-version $$v $(if $(UPGRADE),--upgrade) --custom-compile-command "make lock" \
+	    --quiet -o requirements/lock-py$$v.txt || exit 1; \
+	done
 
 install: $(STAMP)
 
@@ -20,7 +44,15 @@ test: $(STAMP)
 
 ## Longer checks, kept out of CI.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow tests --ignore=tests/prep/test_beam_prep.py
+
+## Prep on Apache Beam (tests/prep/test_beam_prep.py) in its own venv: apache-beam's pins
+## would replace protobuf and pyarrow in $(VENV).
+BEAM_VENV ?= build/beam-venv
+test-beam:
+	test -x $(BEAM_VENV)/bin/python || $(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/python -m pip install -q -e '.[beam,test]'
+	$(BEAM_VENV)/bin/python -m pytest -q tests/prep/test_beam_prep.py
 
 ## Generate SynthSkill and prep it (skipped when done), then train and evaluate under 4-fold CV.
 demo: $(STAMP)

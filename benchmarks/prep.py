@@ -159,7 +159,7 @@ def main(argv):
         import tensorflow_datasets  # noqa: F401  (import cost of the writer kept out of timing)
         res = prepare_manifest(csv, os.path.join(tmp, "out"), "bench",
                                image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
-                               extractor=ext, use_cache=False, progress=False)
+                               extractor=ext, use_cache=False, progress=False, score_scale="gears")
     if not res.ok:
         raise SystemExit(res.summary())
     r = res.times.rates()

@@ -41,7 +41,7 @@ _SKIP = ("jvp(", "transpose(", "while", "body", "checkpoint", "jit(")
 def main(argv):
     del argv
     b, t, f = _BATCH.value, _LENGTH.value, feature_dataset.FEATURE_DIM
-    config = config_lib.get_config()
+    config = config_lib.resolve(config_lib.get_config())
     modalities = feature_dataset.MODALITIES
     model = train.build_model(config.model, modalities)
     keys = jax.random.split(jax.random.PRNGKey(0), len(modalities) + 2)

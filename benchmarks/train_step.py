@@ -83,7 +83,7 @@ def _flops(compiled) -> float | None:
 
 
 def _config():
-    config = config_lib.get_config()
+    config = config_lib.resolve(config_lib.get_config())
     config.model.features = _FEATURES.value
     config.model.embed_features = _EMBED.value
     config.model.num_candidates = _CANDIDATES.value

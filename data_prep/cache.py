@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from data_prep.common import SampleSpec
+from surgfusion_jax import errors
 
 
 def cache_dir(data_dir: str, name: str) -> str:
@@ -95,6 +96,10 @@ def save(directory: str, video_id: str, key: str, arrays: Mapping[str, np.ndarra
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk is not a bad video: it names the folder to free
+        if errors.is_disk_full(e) and not isinstance(e, errors.DiskFullError):
+            raise errors.DiskFullError(directory, e) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

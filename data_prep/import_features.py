@@ -7,12 +7,13 @@ TFDS feature dataset as the prep stage from them:
   python -m data_prep.import_features --features_dir=<dir> --labels=labels.csv \
       --layout=pamfn|core|gdlt|flat --name=<dataset> --data_dir=<dir> \
       [--modalities=rgb,flow,mask] [--backbones=rgb:swin3d_b,flow:i3d_flow,mask:swin3d_b] \
-      [--squeeze=none|mean] [--align=error|trim] [--fps=10] [--segment_length=32] \
-      [--score_min=6 --score_max=30]
+      --score_scale=gears|mgears|grs|MIN,MAX \
+      [--squeeze=none|mean] [--align=error|trim] [--fps=10] [--segment_length=32]
 
 Labels: a CSV with `video_id, score, surgeon_id` and optionally `task, phase,
 source_video, supertrial, rater_*, item_*`, with the same rules and checks as the prep
-manifest (`manifest.py`; no video_path needed).
+manifest (`manifest.py`; no video_path needed): the scores must lie on `--score_scale`,
+which is stored in the metadata as the prep stage stores it.
 
 Layouts (`<m>` is the modality: rgb, flow or mask):
 * `flat`: `<features_dir>/<video_id>_<m>.npy` (or `.npz` / `.pkl`).
@@ -63,6 +64,7 @@ from data_prep.backbones.safe_pickle import load_npy, load_pickle
 from data_prep.common import ALL_MODALITIES, FPS, SEGMENT_LENGTH, PrepError, parse_modalities
 from data_prep.manifest import read_manifest
 from surgfusion_jax import errors
+from surgfusion_jax.data.feature_dataset import ScoreScale, parse_score_scale
 
 LAYOUTS = ("pamfn", "core", "gdlt", "flat")
 EXTENSIONS = (".npy", ".npz", ".pkl")
@@ -70,8 +72,7 @@ PAMFN_TOKENS = {"rgb": ("video", "rgb"), "flow": ("flow",), "mask": ("mask",)}
 MAX_LISTED = 20
 
 
-def read_labels(path: str, score_min: Optional[float] = None,
-                score_max: Optional[float] = None):
+def read_labels(path: str, score_scale: Optional[ScoreScale] = None):
     """The label rows as SampleSpecs (manifest rules without video_path)."""
     if not os.path.isfile(path):
         raise PrepError(f"labels file {path!r} does not exist; fix: pass --labels=<csv> with "
@@ -92,8 +93,7 @@ def read_labels(path: str, score_min: Optional[float] = None,
         with open(copy, "w", newline="", encoding="utf-8") as f:
             csv.writer(f, lineterminator="\n").writerows(rows)
         try:
-            specs = read_manifest(copy, modalities=("rgb",), score_min=score_min,
-                                  score_max=score_max)
+            specs = read_manifest(copy, modalities=("rgb",), score_scale=score_scale)
         except PrepError as err:
             raise PrepError(str(err).replace(copy, path)) from None
     return specs
@@ -276,9 +276,10 @@ def import_features(features_dir: str, labels: str, layout: str, data_dir: str, 
                     modalities: Sequence[str] | str = ALL_MODALITIES,
                     backbones: Any = None, squeeze: str = "none", align: str = "error",
                     fps: float = FPS, segment_length: int = SEGMENT_LENGTH,
-                    score_min: Optional[float] = None,
-                    score_max: Optional[float] = None) -> str:
+                    score_scale: Any = None) -> str:
     """Writes `<data_dir>/<name>` from the features under `features_dir`; returns its path.
+
+    `score_scale` ('gears' | 'mgears' | 'grs' | 'MIN,MAX' | a ScoreScale) is required.
 
     Raises PrepError listing every problem (nothing is written then).
     """
@@ -290,8 +291,9 @@ def import_features(features_dir: str, labels: str, layout: str, data_dir: str, 
     if squeeze not in ("none", "mean") or align not in ("error", "trim"):
         raise PrepError(f"--squeeze must be none|mean and --align error|trim, got {squeeze!r}, "
                         f"{align!r}.")
+    scale = parse_score_scale(score_scale)
     declared = _declared_backbones(backbones, modalities)
-    specs = read_labels(labels, score_min, score_max)
+    specs = read_labels(labels, scale)
     source = _Source(features_dir, layout, modalities)
     problems: list[str] = []
     examples, dims = [], {}
@@ -338,15 +340,12 @@ def import_features(features_dir: str, labels: str, layout: str, data_dir: str, 
     if unlabelled:
         logging.warning("%d video(s) in %s have features but no label and are left out: %s",
                         len(unlabelled), features_dir, unlabelled[:10])
-    scores = [s.score for s in specs]
     metadata = dict(
         backbone=",".join(f"{m}:{declared[m]['name']}" for m in modalities),
         backbones=declared, fps=float(fps), segment_length=int(segment_length),
         modalities=list(modalities), source="imported", layout=layout,
         features_dir=os.path.abspath(features_dir), labels=os.path.abspath(labels),
-        squeeze=squeeze, align=align,
-        score_min=float(score_min if score_min is not None else min(scores)),
-        score_max=float(score_max if score_max is not None else max(scores)), failed=[])
+        squeeze=squeeze, align=align, **scale.metadata(), failed=[])
     return write_feature_dataset(data_dir, name, examples, metadata, feature_dim=next(iter(dims)))
 
 
@@ -381,8 +380,8 @@ def _define_flags(flags) -> None:
     flags.DEFINE_enum("align", "error", ["error", "trim"], "unequal segment counts: error or trim")
     flags.DEFINE_float("fps", FPS, "frame rate the features were extracted at")
     flags.DEFINE_integer("segment_length", SEGMENT_LENGTH, "frames per feature vector")
-    flags.DEFINE_float("score_min", None, "lowest valid score")
-    flags.DEFINE_float("score_max", None, "highest valid score")
+    flags.DEFINE_string("score_scale", None, "scale of the labels' scores (required): gears, "
+                        "mgears or grs (6-30), or MIN,MAX")
 
 
 def main(argv) -> None:
@@ -391,16 +390,15 @@ def main(argv) -> None:
     try:
         if len(argv) > 1:
             raise PrepError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
-        missing = [n for n in ("features_dir", "labels", "layout", "data_dir", "name")
-                   if not getattr(f, n)]
+        missing = [n for n in ("features_dir", "labels", "layout", "data_dir", "name",
+                               "score_scale") if not getattr(f, n)]
         if missing:
             raise PrepError(f"missing flag(s) {', '.join('--' + n for n in missing)}; see "
                             f"`python -m data_prep.import_features --help`.")
         path = import_features(f.features_dir, f.labels, f.layout, f.data_dir, f.name,
                                modalities=f.modalities, backbones=f.backbones,
                                squeeze=f.squeeze, align=f.align, fps=f.fps,
-                               segment_length=f.segment_length, score_min=f.score_min,
-                               score_max=f.score_max)
+                               segment_length=f.segment_length, score_scale=f.score_scale)
     except errors.UserError as e:
         sys.exit(errors.report(e))
     except OSError as e:

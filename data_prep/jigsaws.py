@@ -29,9 +29,10 @@ import re
 from typing import Optional, Sequence
 
 from data_prep.common import ALL_MODALITIES, PrepError, SampleSpec
+from surgfusion_jax.data.feature_dataset import ScoreScale, parse_score_scale
 
 TASKS = ("Suturing", "Needle_Passing", "Knot_Tying")
-GRS_MIN, GRS_MAX = 6.0, 30.0
+GRS = parse_score_scale("grs")  # JIGSAWS scores are GRS totals, 6-30, always
 MASK_VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".mov")
 SKILLS = ("N", "I", "E")
 
@@ -44,8 +45,7 @@ def video_path(root: str, task: str, name: str, capture: int) -> str:
     return os.path.join(root, task, "video", f"{name}_capture{capture}.avi")
 
 
-def read_meta_file(path: str, task: str, *, score_min: float = GRS_MIN,
-                   score_max: float = GRS_MAX) -> list[dict]:
+def read_meta_file(path: str, task: str, *, scale: ScoreScale = GRS) -> list[dict]:
     """Parses `meta_file_<Task>.txt` -> list of dicts (name, user, trial, skill, grs, items).
 
     All problems are collected and raised together as one PrepError with line numbers.
@@ -75,15 +75,17 @@ def read_meta_file(path: str, task: str, *, score_min: float = GRS_MIN,
             try:
                 values = [float(v) for v in nums]
             except ValueError:
-                problems.append(f"{where}: non-numeric score in {nums}")
+                problems.append(f"{where}: non-numeric score in {nums} ({name}); fix: correct "
+                                f"the meta file")
                 continue
             if not all(math.isfinite(v) for v in values):
-                problems.append(f"{where}: non-finite score in {nums}")
+                problems.append(f"{where}: NaN or infinite score in {nums} ({name}); fix: "
+                                f"correct the meta file")
                 continue
             grs, items = values[0], tuple(values[1:])
-            if not score_min <= grs <= score_max:
-                problems.append(f"{where}: GRS {grs:g} outside the scale {score_min:g}-"
-                                f"{score_max:g} (fix the file or --score_min/--score_max)")
+            if not scale.contains(grs):
+                problems.append(f"{where}: GRS {grs:g} outside the {scale} scale ({name}); "
+                                f"fix: correct the meta file")
                 continue
             if name in seen:
                 problems.append(f"{where}: {name} already listed on line {seen[name]}")
@@ -117,15 +119,14 @@ def find_mask(mask_root: str, name: str, capture: int) -> Optional[str]:
 
 def jigsaws_samples(root: str, task: str, *, capture: int = 1,
                     modalities: Sequence[str] = ALL_MODALITIES,
-                    mask_root: Optional[str] = None, score_min: float = GRS_MIN,
-                    score_max: float = GRS_MAX) -> list[SampleSpec]:
+                    mask_root: Optional[str] = None) -> list[SampleSpec]:
     """One SampleSpec per trial of the meta file (missing videos fail later, per video)."""
     if task not in TASKS:
         logging.warning("task %r is not one of the JIGSAWS tasks %s", task, TASKS)
     if capture not in (1, 2):
         raise PrepError(f"--capture={capture}: JIGSAWS has capture 1 or 2.")
     meta = os.path.join(root, task, f"meta_file_{task}.txt")
-    rows = read_meta_file(meta, task, score_min=score_min, score_max=score_max)
+    rows = read_meta_file(meta, task)
     video_dir = os.path.join(root, task, "video")
     listed = {r["name"] for r in rows}
     if os.path.isdir(video_dir):

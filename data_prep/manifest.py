@@ -17,7 +17,9 @@ the cross-validation splits, so the phases of one video never straddle train and
 defaults to the file name of video_path without extension.
 
 Everything here is checked before any video is touched; all problems are reported
-together, each with its CSV line number, column and fix (`PrepError`).
+together, each with its CSV line number, video id, column and fix (`PrepError`): a score
+(or rater score) that is missing, not a number (NaN, inf, text) or off the score scale
+(`score_scale`, a `feature_dataset.ScoreScale`; the prep stage requires one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import re
 from typing import Optional, Sequence
 
 from data_prep.common import ALL_MODALITIES, PrepError, SampleSpec
+from surgfusion_jax.data.feature_dataset import SCALE_FLAG, ScoreScale
 
 REQUIRED = ("video_id", "video_path", "score", "surgeon_id")
 OPTIONAL = ("mask_path", "start_s", "end_s", "phase", "task", "source_video", "supertrial")
@@ -51,9 +54,11 @@ def _column_index(name: str) -> int:
 
 
 def read_manifest(path: str, *, modalities: Sequence[str] = ALL_MODALITIES,
-                  score_min: Optional[float] = None,
-                  score_max: Optional[float] = None) -> list[SampleSpec]:
-    """Parses and validates the manifest at `path`; returns one SampleSpec per row."""
+                  score_scale: Optional[ScoreScale] = None) -> list[SampleSpec]:
+    """Parses and validates the manifest at `path`; returns one SampleSpec per row.
+
+    Scores must lie on `score_scale` (None: any finite number, for readers that do not
+    write a dataset)."""
     if not os.path.isfile(path):
         raise PrepError(f"manifest {path!r} does not exist; fix: pass --manifest=<csv file>.")
     base = os.path.dirname(os.path.abspath(path))
@@ -105,7 +110,7 @@ def read_manifest(path: str, *, modalities: Sequence[str] = ALL_MODALITIES,
                 continue
             if vid:
                 seen[vid] = line
-            spec = _parse_row(cell, line, base, raters, items, modalities, score_min, score_max,
+            spec = _parse_row(cell, line, base, raters, items, modalities, score_scale,
                               problems, name)
             if spec is None:
                 continue
@@ -119,29 +124,29 @@ def read_manifest(path: str, *, modalities: Sequence[str] = ALL_MODALITIES,
     return specs
 
 
-def _parse_row(cell, line, base, raters, items, modalities, score_min, score_max,
-               problems, name) -> Optional[SampleSpec]:
+def _parse_row(cell, line, base, raters, items, modalities, scale, problems,
+               name) -> Optional[SampleSpec]:
     n_before = len(problems)
+    who = f" (video_id {cell['video_id']!r})" if cell.get("video_id") else ""
 
     def bad(col, msg):
-        problems.append(f"line {line}, column {col!r}: {msg}")
+        problems.append(f"line {line}{who}, column {col!r}: {msg}")
 
     for col in ("video_id", "video_path", "surgeon_id"):
         if not cell.get(col):
             bad(col, "empty; fix: fill it in.")
-    scale = (f" (scale {score_min:g}-{score_max:g}; fix the value or --score_min/--score_max)"
-             if score_min is not None and score_max is not None else "")
-
     def in_scale(col, v):
-        if (score_min is not None and v < score_min) or (score_max is not None and v > score_max):
-            bad(col, f"{v:g} is outside the score scale{scale or ''}.")
+        if scale is not None and not scale.contains(v):
+            bad(col, f"{v:g} is outside the score scale {scale}; fix: correct the score, or "
+                     f"pass the scale it is on ({SCALE_FLAG}).")
 
     rater_vals = []
     for col in raters:
         if cell[col]:
             v = _number(cell[col])
             if v is None:
-                bad(col, f"{cell[col]!r} is not a number; fix: write a number or leave it empty.")
+                bad(col, f"{cell[col]!r} is not a finite number; fix: write a number or leave "
+                         f"it empty.")
             else:
                 in_scale(col, v)
                 rater_vals.append(v)
@@ -149,7 +154,7 @@ def _parse_row(cell, line, base, raters, items, modalities, score_min, score_max
     if cell.get("score"):
         score = _number(cell["score"])
         if score is None:
-            bad("score", f"{cell['score']!r} is not a number; fix: write the total score "
+            bad("score", f"{cell['score']!r} is not a finite number; fix: write the total score "
                          f"(e.g. 21.5).")
         else:
             in_scale("score", score)

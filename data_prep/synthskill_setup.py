@@ -31,6 +31,10 @@ from surgfusion_jax import errors  # noqa: E402
 from surgfusion_jax.data import feature_dataset  # noqa: E402
 
 
+# SynthSkill scores are sums of six GRS-like items scored 1-5 (data_prep.synthskill).
+SCORE_SCALE = "grs"
+
+
 class SetupError(errors.UserError):
     """SynthSkill could not be rendered or prepared; the message says what failed."""
 
@@ -59,7 +63,7 @@ def ensure_features(config: ml_collections.ConfigDict, *, progress: bool = True,
     result = prepare.prepare_manifest(
         manifest, config.data.data_dir, config.data.name,
         modalities=tuple(modalities or config.data.modalities),
-        image_size=synth.prep_image_size, score_min=6.0, score_max=config.data.score_max,
+        image_size=synth.prep_image_size, score_scale=SCORE_SCALE,
         batch_size=synth.prep_batch_size, progress=progress, source="synthskill")
     if not result.ok:
         raise SetupError(f"SynthSkill prep failed for some videos:\n{result.summary()}")

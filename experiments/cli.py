@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import spec
@@ -34,11 +34,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
     """Defines the shared flags on `flag_values` (the global FLAGS by default).
 
     `sys_argv`: the command line whose --config.X overrides are to be accepted
-    (ml_collections reads them at definition time; default sys.argv).
+    (ml_collections reads them at definition time; default sys.argv). On the command line
+    itself (global FLAGS, sys.argv) the flags are parsed here once, so a mistake ends in
+    one line naming the fix (`errors.parse_flags`), before absl's own parse.
     """
-    config_flags.DEFINE_config_file(
-        "config", spec.DEFAULT_CONFIG, "Base training config of every run.",
-        flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+    command_line = flag_values is flags.FLAGS and sys_argv is None
+    try:
+        config_flags.DEFINE_config_file(
+            "config", spec.DEFAULT_CONFIG, "Base training config of every run.",
+            flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+    except (AttributeError, KeyError):  # an override of no field of the default config
+        if not command_line:
+            raise
+        alone = flags.FlagValues()  # the config flag alone: the override is "unknown"
+        config_flags.DEFINE_config_file("config", spec.DEFAULT_CONFIG, "",
+                                        flag_values=alone, sys_argv=["-"])
+        errors.parse_flags([sys.argv[0]] + [a for a in sys.argv[1:] if a.startswith("--config")],
+                           alone)
+        raise
     flags.DEFINE_string("workdir", "runs/experiments", "Experiment folder.",
                         flag_values=flag_values)
     flags.DEFINE_string("data_dir", None, "Feature datasets folder (default: config's).",
@@ -52,6 +65,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                       flag_values=flag_values)
     flags.DEFINE_list("datasets", [], "Only these paper datasets (kt, np, su, rah, rarp).",
                       flag_values=flag_values)
+    if command_line:
+        app.define_help_flags()  # app.run defines them too; --help must not be "unknown"
+        errors.parse_flags(sys.argv, flag_values)
 
 
 def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,

@@ -9,11 +9,14 @@ result has the layout of `cross_validation`'s fold records:
 
   {'name', 'test', 'models': {head: {'predictions': {
       'checkpoint_best': {'epoch', 'video_ids', 'true', 'pred'},   # 'best' state
-      'final':           {'epoch', 'video_ids', 'true', 'pred'}}}}}  # 'last' state
+      'final':           {'epoch', 'video_ids', 'true', 'pred'}},  # 'last' state
+      'history': [...]}}}          # per epoch, as saved in the 'last' checkpoint's meta
 
 with predictions in score units, so `evaluation.summary.summarise(source='predictions')` gives the numbers of
 the run that wrote the checkpoints, bit for bit (XLA evaluation is deterministic for the
-same program and inputs). The run's own `config.json` is used (it is what the
+same program and inputs; the history-based readings read the same per-epoch numbers that
+training recorded). The ridge baselines are recomputed from the features and folds
+(`cross_validation.ridge_baselines`: closed form, deterministic). The run's own `config.json` is used (it is what the
 checkpoints were trained with); `data_dir` may point to a moved feature folder.
 """
 
@@ -40,8 +43,9 @@ def _differences(saved: ml_collections.ConfigDict, expected: Any) -> list[str]:
 
 
 def fold_records(workdir: str, data_dir: str | None = None, expected: Any = None
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(saved config as a dict, fold records) of the run in `workdir` (module docstring).
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(saved config as a dict, fold records, ridge baselines) of the run in `workdir`
+    (module docstring).
 
     `expected`: the config the caller would train with; differences are logged (the
     saved config wins: it produced the checkpoints).
@@ -66,22 +70,28 @@ def fold_records(workdir: str, data_dir: str | None = None, expected: Any = None
             for key, which in STATES.items():
                 restored = [_restore(run, m.name, phase, which) for m in group]
                 preds = runs.evaluate(run, group, [v for v, _ in restored], phase)
-                for record, test, pred, (_, epoch) in zip(group_records, tests, preds, restored):
+                for record, test, pred, (_, meta) in zip(group_records, tests, preds, restored):
                     video_ids = [run.samples[i]["video_id"] for i in test.indices]
                     for head, values in pred.items():
                         record["models"].setdefault(head, {"predictions": {}})
+                        if which == "last":  # its meta holds the phase's whole history
+                            record["models"][head]["history"] = cross_validation.history_rows(
+                                meta["history"], head)
                         record["models"][head]["predictions"][key] = {
-                            "epoch": epoch, "video_ids": video_ids,
+                            "epoch": int(meta["epoch"]), "video_ids": video_ids,
                             "true": test.scores.tolist(),
-                            "pred": metrics.to_score_units(values[test.indices],
-                                                           config.data.score_max).tolist()}
+                            "pred": metrics.to_score_units(
+                                values[test.indices], config.data.score_max,
+                                config.data.get("target_max", 0.5)).tolist()}
         records += group_records
-    return cross_validation.run_config_dict(config), records
+    return (cross_validation.run_config_dict(config), records,
+            cross_validation.ridge_baselines(run))
 
 
 def _restore(run: runs.RunData, member: str, phase: str, which: str
-             ) -> tuple[dict[str, Any], int]:
-    """The variables of one checkpoint and its epoch; the 'last' one must be the end."""
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The variables of one checkpoint and its meta (epoch; 'last': the history); the
+    'last' one must be the end."""
     try:
         variables, meta = runs.restore(run, member, phase, which)
     except runs.MissingRunError as e:
@@ -92,4 +102,4 @@ def _restore(run: runs.RunData, member: str, phase: str, which: str
             f"{run.checkpoint_dir(member, phase)}: the last checkpoint is epoch "
             f"{meta['epoch']} of {num_epochs}; the run was interrupted, finish it by running "
             "the experiment without --from_checkpoints.")
-    return variables, int(meta["epoch"])
+    return variables, meta

@@ -21,14 +21,22 @@ Config of a run, lowest to highest precedence:
   4. the fields that define the run (cv.scheme, data.modalities, model.use_dfb /
      fusion / num_heads): a clashing flag is ignored with a warning.
 
-Numbers ("ours"), per run, model and fold, from the test-fold predictions of two states:
-  'paper' the best test-fold epoch, i.e. the phase's 'best' checkpoint (the paper's
-          protocol, "the best SCC and its corresponding MAE"; optimistic). For the
-          unimodal heads this is the epoch of the best mean SCC over the branches (the
-          unimodal phase checkpoints one best state for all branches); for the fused
-          model it is the epoch `evaluation.summary.summarise` calls 'paper' (both take the
-          earliest of tied epochs; they differ only if every epoch's SCC is NaN).
-  'final' the last epoch (the 'last' checkpoint): no selection, unbiased.
+Numbers ("ours"), per run, model and fold, under every reading (`PROTOCOLS`):
+  'paper'        the best test-fold epoch, i.e. the phase's 'best' checkpoint (one reading
+                 of the paper's "the best SCC and its corresponding MAE"; optimistic). For
+                 the unimodal heads this is the epoch of the best mean SCC over the
+                 branches (the unimodal phase checkpoints one best state for all
+                 branches); for the fused model it is the epoch
+                 `evaluation.summary.summarise` calls 'paper' (both take the earliest of
+                 tied epochs; they differ only if every epoch's SCC is NaN).
+  'best-mean'    the other reading: one epoch for all folds, the best fold-mean test SCC
+                 (from the per-epoch history; optimistic).
+  'final'        the last epoch (the 'last' checkpoint): no selection, unbiased.
+  'val-selected' per fold, the best inner-validation epoch (history; unbiased; only
+                 with cv.inner_val_fraction > 0, else its columns are left out).
+'paper' and 'final' come from the test predictions of the two checkpoints, the others from
+the history saved with the run (and in its 'last' checkpoints). Beside every run's rows,
+its ridge baselines (`evaluation.baselines`, 'ridge (<modality>)' / 'ridge (all)').
 SCC is Spearman per fold, MAE in score units; mean and population SD over folds.
 `--from_checkpoints` re-evaluates both states of every fold (`experiments.recompute`)
 instead of training, and gives the same numbers bit for bit (both are summarised by
@@ -49,7 +57,10 @@ from surgfusion_jax import config_lib, errors
 from surgfusion_jax.data.feature_dataset import MODALITIES as ALL_MODALITIES
 from surgfusion_jax.evaluation import paper_results
 
-PROTOCOLS = {"paper": "best epoch", "final": "final epoch"}
+# Reading (`evaluation.summary.PROTOCOLS`) -> its column label; the labels name the
+# unbiased ones (`evaluation.tables.UNBIASED`).
+PROTOCOLS = {"paper": "best epoch per fold", "best-mean": "best mean epoch",
+             "final": "final epoch, unbiased", "val-selected": "val-selected epoch, unbiased"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 SYNTHSKILL = "synthskill"

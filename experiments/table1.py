@@ -66,7 +66,7 @@ def across_rows(rows: Sequence[spec.Row], summaries: Mapping[str, Any],
                 ours[protocol] = summary.across_tasks(per_task)
         paper = spec.paper_numbers("I", task=ACROSS, scheme=scheme, method="SurgFusion-Net")
         out.append(outputs.cells({"task": ACROSS, "scheme": label},
-                                 f"JIGSAWS KT+NP+SU {label}", paper, ours))
+                                 f"JIGSAWS KT+NP+SU {label}", paper, ours, model="fused"))
     return out
 
 

@@ -15,9 +15,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from surgfusion_jax import errors
+
 
 def atomic_write(path: str, data: bytes | str) -> str:
-    """Writes `data` to `path` atomically (creating its folder); returns the path."""
+    """Writes `data` to `path` atomically (creating its folder); returns the path.
+
+    A full disk raises `errors.DiskFullError` (naming the folder) with the old file intact
+    and no temporary left behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -28,11 +33,28 @@ def atomic_write(path: str, data: bytes | str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if errors.is_disk_full(e) and not isinstance(e, errors.DiskFullError):
+            raise errors.DiskFullError(folder, e) from e
         raise
+    _fsync_folder(folder)
     return path
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename durable (a power cut after it keeps the new file); best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def to_jsonable(obj: Any) -> Any:

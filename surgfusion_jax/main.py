@@ -7,8 +7,8 @@ r"""Trains and evaluates SurgFusion-Net under cross-validation (both phases).
 command resumes a killed run from its checkpoints. Results: `<workdir>/results.json`
 and `results.md`; TensorBoard scalars under `<workdir>/tensorboard`.
 
-Exit status (`errors`): 0 done, 2 missing/broken dataset or bad config/splits (the
-message names the fix), 3 stopped early by `--config.debug.stop_after_epochs` (re-run to
+Exit status (`errors`): 0 done, 2 missing/broken dataset, bad flag, config or splits,
+unreadable checkpoint or full disk (one line that names the fix), 3 stopped early by `--config.debug.stop_after_epochs` (re-run to
 resume). A config with a `synthskill` block (configs/demo.py) trains on features made by
 `python -m data_prep.synthskill_setup` first (`make demo` runs both).
 """
@@ -16,15 +16,16 @@ resume). A config with a `synthskill` block (configs/demo.py) trains on features
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow only reads the datasets here; this also silences its oneDNN banner on stderr.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import jax  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from surgfusion_jax import errors, predict  # noqa: E402
-from surgfusion_jax.data import feature_dataset  # noqa: E402
-from surgfusion_jax.evaluation import plots as plots_lib, tables  # noqa: E402
-from surgfusion_jax.training import cross_validation  # noqa: E402
+from surgfusion_jax import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -34,6 +35,13 @@ config_flags.DEFINE_config_file(
 
 def run(config) -> int:
     """Runs the cross-validation of `config`; returns the process exit status."""
+    # Imported here, not at the top: a flag mistake is answered before JAX and TF load.
+    import jax
+    from surgfusion_jax import predict
+    from surgfusion_jax.data import feature_dataset
+    from surgfusion_jax.evaluation import plots as plots_lib, tables
+    from surgfusion_jax.training import checkpoints, cross_validation
+
     workdir = cross_validation.resolve_workdir(config)
     if config.get("compilation_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -50,10 +58,14 @@ def run(config) -> int:
             hint = ("make the SynthSkill features first: python -m data_prep.synthskill_setup "
                     "--config=<this config file> (`make demo` runs both steps)")
         return errors.report(e, hint=hint)
+    except checkpoints.CheckpointError as e:
+        e.command = shlex.join(["python", "-m", "surgfusion_jax.main", *sys.argv[1:]])
+        return errors.report(e)
     except errors.UserError as e:
         return errors.report(e)
-    print(tables.markdown_table(tables.comparison_rows(results["summary"],
-                                                       results.get("paper"))))
+    baselines = results.get("baselines") or {}
+    print(tables.markdown_table(tables.comparison_rows(results["summary"], results.get("paper"),
+                                                       baselines=baselines)))
     print(f"\nresults table : {os.path.join(workdir, 'results.md')} (and results.json)")
     print(f"plots         : {', '.join(plots)}")
     if "fused" in results["summary"]:
@@ -69,12 +81,15 @@ def run(config) -> int:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        return errors.report(errors.FlagError(
+            f"unexpected arguments {argv[1:]}; every setting is a flag, e.g. "
+            "--config.workdir=runs/x"))
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/rarp.py")
+        return errors.report(errors.FlagError(
+            "--config is required, e.g. --config=configs/rarp.py"))
     return run(FLAGS.config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -1,5 +1,6 @@
-"""`surgfusion_jax.errors` (one base for user errors, shared exit codes) and
-`surgfusion_jax.io` (atomic writes, plain JSON)."""
+"""`surgfusion_jax.errors` (one base for user errors, shared exit codes) and atomic
+writes (`surgfusion_jax.io`, the feature dataset, the prep cache), also on a full disk."""
+import errno
 import io
 import json
 import math
@@ -8,12 +9,14 @@ import os
 import numpy as np
 import pytest
 
+from data_prep import cache
 from data_prep.common import PrepError
 from data_prep.synthskill_setup import SetupError
 from experiments.spec import ExperimentError
 from experiments.thumbnails import ThumbnailError
 from surgfusion_jax import errors
-from surgfusion_jax.data.feature_dataset import DatasetError
+from surgfusion_jax.data.feature_dataset import (DatasetError, load_feature_dataset,
+                                                 write_feature_dataset)
 from surgfusion_jax.data.splits import SplitError
 from surgfusion_jax.evaluation.paper_results import PaperLookupError
 from surgfusion_jax.io import atomic_write, read_json, to_jsonable, write_json
@@ -68,3 +71,59 @@ def test_json_is_plain_and_nan_becomes_null(tmp_path):
     path = write_json(str(tmp_path / "x.json"), value, sort_keys=True)
     assert read_json(path) == to_jsonable(value)
     assert json.loads(open(path).read()) == read_json(path)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_old_results_file_and_names_the_folder(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "results.json"
+    write_json(str(path), {"scc": 0.5})
+    monkeypatch.setattr(os, "replace", _no_space)
+    with pytest.raises(errors.DiskFullError) as info:
+        write_json(str(path), {"scc": 0.9})
+    monkeypatch.undo()
+    assert read_json(str(path)) == {"scc": 0.5} and os.listdir(path.parent) == ["results.json"]
+    line = f"{info.value}"
+    assert line.startswith(f"the disk is full: could not write in {path.parent} (")
+    assert "\n" not in line and isinstance(info.value, OSError)
+    assert info.value.errno == errno.ENOSPC and errors.is_disk_full(info.value)
+
+
+def test_a_full_disk_keeps_the_old_feature_dataset(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    meta = dict(backbone="test", fps=10, segment_length=32, modalities=["rgb"])
+
+    def examples(score):
+        return [dict(video_id=f"v{i}", score=score, rgb=np.ones((3, 4)) * i) for i in range(3)]
+
+    write_feature_dataset(str(tmp_path), "d", examples(10.0), meta, feature_dim=4)
+    real = tf.io.TFRecordWriter
+
+    class FillsUp(real):
+        def write(self, record):  # the second record does not fit
+            self.count = getattr(self, "count", 0) + 1
+            if self.count == 2:
+                _no_space()
+            super().write(record)
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FillsUp)
+    with pytest.raises(errors.DiskFullError, match=f"could not write in {tmp_path}"):
+        write_feature_dataset(str(tmp_path), "d", examples(20.0), meta, feature_dim=4)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["d"]  # no staging folder left
+    old = load_feature_dataset(str(tmp_path), "d")
+    assert [s["score"] for s in old.samples] == [10.0] * 3
+
+
+def test_a_full_disk_keeps_the_old_prep_cache_entry(tmp_path, monkeypatch):
+    cache.save(str(tmp_path), "vid 1", "aaaa", {"rgb": np.ones((2, 4), np.float32)})
+    monkeypatch.setattr(np, "savez", _no_space)
+    with pytest.raises(errors.DiskFullError, match=str(tmp_path)):
+        cache.save(str(tmp_path), "vid 1", "bbbb", {"rgb": np.zeros((2, 4), np.float32)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [os.path.basename(cache.entry_path(str(tmp_path), "vid 1",
+                                                                      "aaaa"))]
+    assert cache.load(str(tmp_path), "vid 1", "aaaa", ["rgb"])["rgb"].sum() == 8

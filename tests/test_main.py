@@ -32,14 +32,16 @@ def _cli(*args, cwd):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_configs_carry_the_paper_settings(name):
-    c = _load(name)
+    assert _load(name).preset == "paper"
+    c = default.resolve(_load(name))
     assert c.unimodal.num_epochs == c.fusion.num_epochs == 300
     assert c.unimodal.batch_size == c.fusion.batch_size == (32 if name == "rah" else 16)
     assert (c.model.features, c.model.num_candidates, c.model.num_heads) == (256, 10, 2)
     assert c.data.score_max == 30.0 and c.data.modalities == ("rgb", "flow", "mask")
     assert (c.unimodal.learning_rate, c.unimodal.end_learning_rate, c.unimodal.momentum) == (1e-2, 5e-6, 0.9)
     assert (c.fusion.learning_rate, c.fusion.end_learning_rate, c.fusion.head_lr_factor) == (1e-3, 5e-6, 0.1)
-    assert c.unimodal.weight_decay == c.fusion.weight_decay == 1e-4
+    assert c.unimodal.weight_decay == 1e-4  # §IV-B; AdamW's is PAMFN's (the paper is silent)
+    assert c.fusion.weight_decay == 0.01 and c.data.target_max == 0.5 and c.loss_alpha == 0.5
     assert c.unimodal.grad_clip == c.fusion.grad_clip == 2.0
     assert (c.cv.scheme, c.cv.num_folds) == (("loso", 4) if name.startswith("jigsaws") else ("kfold", 4))
     with open(_config_path(name), encoding="utf-8") as f:

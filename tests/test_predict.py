@@ -16,6 +16,7 @@ import pytest
 
 from surgfusion_jax import config_lib as default
 from surgfusion_jax.data import feature_dataset as fd
+from surgfusion_jax.evaluation import metrics
 from surgfusion_jax.training import checkpoints, cross_validation as cv
 from surgfusion_jax import predict
 from surgfusion_jax.data import splits
@@ -51,8 +52,9 @@ def run(tmp_path_factory):
     data_dir, workdir = str(root / "features"), str(root / "run")
     fd.write_feature_dataset(data_dir, "toy", _examples("vid", 0), META, feature_dim=DIM)
     fd.write_feature_dataset(data_dir, "new", _examples("new", 1), META, feature_dim=DIM)
-    config = default.small(default.get_config())
+    config = default.resolve(default.small(default.get_config()))
     config.data.data_dir, config.data.name = data_dir, "toy"
+    config.data.score_max = 30.0  # what training fills in from the dataset
     config.min_bucket, config.eval_batch_size = 16, 4
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -74,7 +76,8 @@ def run(tmp_path_factory):
     def reference(name, fold_name):  # unpadded, all videos in one batch, score units
         ds = fd.load_feature_dataset(data_dir, name)
         x = {m: np.stack([s[m] for s in ds.samples]) for m in fd.MODALITIES}
-        return np.asarray(apply(variables[fold_name], x)) * 2 * config.data.score_max
+        return metrics.to_score_units(apply(variables[fold_name], x), config.data.score_max,
+                                      config.data.target_max)
 
     return dict(data_dir=data_dir, workdir=workdir, folds=folds, reference=reference)
 
@@ -131,7 +134,8 @@ def test_videos_to_plot_spreads_over_the_scores():
 
 
 def test_csfb_weights_per_time_step_sum_to_one(run):
-    model = train.build_model(default.small(default.get_config()).model, fd.MODALITIES)
+    model = train.build_model(default.resolve(default.small(default.get_config())).model,
+                              fd.MODALITIES)
     x = {m: np.ones((1, LENGTH, DIM), np.float32) for m in fd.MODALITIES}
     variables = _random_variables(model, 0)
     weights, valids = predict._csfb_weights(model, variables, x, np.ones((1, LENGTH), bool))

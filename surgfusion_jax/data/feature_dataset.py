@@ -11,9 +11,12 @@ One TFDS dataset in TFRecord format per prepared video collection, at
   rgb, flow, mask float32 [num_segments, feature_dim]  (the modalities present)
 
 Dataset-level metadata (backbone, fps, flow bound, segment length, input size, prep
-version, modalities, score range, and per modality the backbone, checkpoint hash and
+version, modalities, the score scale, and per modality the backbone, checkpoint hash and
 preprocessing under `backbones`) is stored in the TFDS `DatasetInfo.metadata` and
-returned by `load_feature_dataset`. `backbone_note` says in one line when the features
+returned by `load_feature_dataset`. The score scale is `score_scale` (its name),
+`score_min` and `score_max` (`ScoreScale`); scores off the scale and NaN/inf scores or
+features are refused at write and at load, naming the video (and modality).
+`resolve_score_max` gives training its `score_max` from the scale. `backbone_note` says in one line when the features
 are not the paper's (§III-B.4); `check_same_features` refuses to mix datasets whose
 features were made differently.
 
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import shutil
 import uuid
@@ -44,6 +49,104 @@ PREP_HINT = (
     "Create it with the prep stage, e.g. `python -m data_prep.prepare --manifest=<csv> "
     "--data_dir=<dir> --name=<dataset>` or `python -m data_prep.prepare "
     "--jigsaws_root=<dir> --task=Suturing --data_dir=<dir>` (see README, 'Your own data').")
+
+# Named score scales (docs/design.md §1.7), totals of six items scored 1-5: GEARS (its six
+# domains with autonomy), JIGSAWS' GRS and M-GEARS (Boal et al., the paper's ref. [13];
+# RAH scores 14-30 and RARP 18-28 lie on it). All top out at 30, the paper's score_max.
+SCORE_SCALES = {"gears": (6.0, 30.0), "mgears": (6.0, 30.0), "grs": (6.0, 30.0)}
+SCALE_FLAG = "--score_scale=gears|mgears|grs|MIN,MAX"
+# A dataset written before the scale was recorded has no `score_scale`: training then uses
+# config.data.score_max, or this value (the paper's, docs/design.md §1.7) when that is 0.
+LEGACY_SCORE_MAX = 30.0
+
+
+class ScoreScaleError(errors.UserError, ValueError):
+    """A score scale is malformed or disagrees with the config; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreScale:
+    """The scale scores are given on: `name` (a key of SCORE_SCALES or 'custom'), bounds."""
+
+    name: str
+    min: float
+    max: float
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.min:g}-{self.max:g}"
+
+    def contains(self, score: float) -> bool:
+        return math.isfinite(score) and self.min <= score <= self.max
+
+    def metadata(self) -> dict[str, Any]:
+        return {"score_scale": self.name, "score_min": self.min, "score_max": self.max}
+
+
+def parse_score_scale(value: Any) -> ScoreScale:
+    """'gears' | 'mgears' | 'grs' | 'MIN,MAX' (or a ScoreScale, or a (min, max) pair) ->
+    ScoreScale. Bounds must be finite with 0 <= MIN < MAX: targets are
+    target_max * score / score_max, which must lie in [0, target_max]."""
+    if isinstance(value, ScoreScale):
+        return value
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ScoreScaleError(f"the score scale is required; fix: pass {SCALE_FLAG} "
+                              f"(GEARS, M-GEARS and GRS are 6-30).")
+    if isinstance(value, str) and value.strip().lower().replace("-", "") in SCORE_SCALES:
+        name = value.strip().lower().replace("-", "")
+        return ScoreScale(name, *SCORE_SCALES[name])
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ScoreScaleError(f"score scale {value!r} is neither a named scale "
+                              f"({', '.join(SCORE_SCALES)}) nor MIN,MAX; fix: {SCALE_FLAG}, "
+                              f"e.g. --score_scale=mgears or --score_scale=18,28.") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ScoreScaleError(f"score scale {value!r}: need finite bounds with 0 <= MIN < MAX; "
+                              f"fix: {SCALE_FLAG}.")
+    return ScoreScale("custom", lo, hi)
+
+
+def score_scale(metadata: Mapping[str, Any]) -> Optional[ScoreScale]:
+    """The dataset's score scale, or None for a dataset written before it was recorded."""
+    if "score_scale" not in metadata:
+        return None
+    try:
+        return ScoreScale(str(metadata["score_scale"]), float(metadata["score_min"]),
+                          float(metadata["score_max"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"dataset metadata names score_scale {metadata['score_scale']!r} but "
+                           f"its score_min/score_max are missing or not numbers ({e}). "
+                           f"{PREP_HINT}") from None
+
+
+def resolve_score_max(dataset: "FeatureDataset", configured: float) -> float:
+    """`config.data.score_max` for training on `dataset`: its scale's maximum when
+    `configured` is 0; ScoreScaleError when a non-zero value disagrees with the scale.
+    A dataset without a scale takes `configured`, or LEGACY_SCORE_MAX when it is 0, and
+    its scores must lie in [0, score_max] (targets in [0, target_max])."""
+    scale = score_scale(dataset.metadata)
+    configured = float(configured or 0.0)
+    if scale is not None:
+        if configured and configured != scale.max:
+            raise ScoreScaleError(
+                f"config.data.score_max={configured:g} disagrees with the score scale of "
+                f"dataset {dataset.name!r} ({scale}, score_max {scale.max:g}, recorded in "
+                f"{dataset.path}); fix: --config.data.score_max=0 (take it from the dataset) "
+                f"or ={scale.max:g}, or re-run the prep stage with the right {SCALE_FLAG}.")
+        return scale.max
+    value = configured or LEGACY_SCORE_MAX
+    logging.warning("dataset %r (%s) records no score scale (prepared before scales were "
+                    "recorded); using score_max %g. Re-run the prep stage with %s to record it.",
+                    dataset.name, dataset.path, value, SCALE_FLAG)
+    bad = [s["video_id"] for s in dataset.samples if not 0 <= float(s["score"]) <= value]
+    if bad:
+        raise DatasetError(
+            f"dataset {dataset.name!r} ({dataset.path}): video(s) {bad[:5]} have scores outside "
+            f"[0, {value:g}] (score_max), which would give targets outside [0, target_max]; "
+            f"fix: set --config.data.score_max to the scale's maximum, or re-run the prep "
+            f"stage with {SCALE_FLAG}.")
+    return value
 
 
 class DatasetError(errors.UserError, ValueError):
@@ -87,7 +190,7 @@ def _features(modalities: Sequence[str], feature_dim: int):
 
 
 def _normalise_example(ex: Mapping[str, Any], modalities: Sequence[str],
-                       feature_dim: int) -> dict[str, Any]:
+                       feature_dim: int, scale: Optional[ScoreScale] = None) -> dict[str, Any]:
     vid = ex.get("video_id", "?")
     out: dict[str, Any] = {k: str(ex.get(k, "") or "") for k in TEXT_FIELDS}
     if not out["video_id"]:
@@ -95,6 +198,7 @@ def _normalise_example(ex: Mapping[str, Any], modalities: Sequence[str],
     if not out["source_video"]:
         out["source_video"] = out["video_id"]
     out["score"] = np.float32(ex["score"])
+    _check_score(vid, float(out["score"]), scale, "cannot be written")
     out["item_scores"] = np.asarray(ex.get("item_scores", ()), np.float32).reshape(-1)
     out["supertrial"] = np.int32(ex.get("supertrial", 0) or 0)
     lengths = set()
@@ -106,8 +210,7 @@ def _normalise_example(ex: Mapping[str, Any], modalities: Sequence[str],
             raise DatasetError(
                 f"sample {vid!r}: {m} features have shape {feats.shape}, expected "
                 f"[num_segments, {feature_dim}].")
-        if not np.all(np.isfinite(feats)):
-            raise DatasetError(f"sample {vid!r}: {m} features contain NaN or inf.")
+        _check_finite(vid, m, feats, "cannot be written")
         out[m] = feats
         lengths.add(feats.shape[0])
     if len(lengths) != 1:
@@ -116,6 +219,26 @@ def _normalise_example(ex: Mapping[str, Any], modalities: Sequence[str],
     if out["num_segments"] < 1:
         raise DatasetError(f"sample {vid!r}: no segments.")
     return out
+
+
+def _check_score(vid: str, score: float, scale: Optional[ScoreScale], what: str) -> None:
+    if not math.isfinite(score):
+        raise DatasetError(f"sample {vid!r}: score {score} {what}: it is not a number; fix: "
+                           f"give the video a score, or leave it out.")
+    if scale is not None and not scale.contains(score):
+        raise DatasetError(f"sample {vid!r}: score {score:g} {what}: it is outside the dataset's "
+                           f"score scale {scale}; fix: correct the score, or re-run the prep "
+                           f"stage with the right {SCALE_FLAG}.")
+
+
+def _check_finite(vid: str, modality: str, feats: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        rows = sorted(set(np.nonzero(bad)[0].tolist()))
+        raise DatasetError(
+            f"sample {vid!r}: {modality} features {what}: {int(bad.sum())} NaN/inf value(s) in "
+            f"segment(s) {rows[:5]}{' ...' if len(rows) > 5 else ''}; fix: re-extract that "
+            f"video's features (delete its entry under <data_dir>/.cache) or leave it out.")
 
 
 def write_feature_dataset(
@@ -144,6 +267,10 @@ def write_feature_dataset(
         raise DatasetError(f"metadata 'modalities' must be a non-empty subset of {MODALITIES}, "
                            f"got {modalities}")
     meta = dict(metadata, modalities=list(modalities), feature_dim=feature_dim)
+    scale = score_scale(meta)
+    if scale is not None:  # bounds as parse_score_scale requires them
+        bounds = parse_score_scale((scale.min, scale.max))
+        scale = dataclasses.replace(scale, min=bounds.min, max=bounds.max)
     features = _features(modalities, feature_dim)
 
     root = os.path.join(os.fspath(data_dir), name)
@@ -159,7 +286,7 @@ def write_feature_dataset(
         count, seen = 0, set()
         with tf.io.TFRecordWriter(os.fspath(shard)) as writer:
             for ex in examples:
-                ex = _normalise_example(ex, modalities, feature_dim)
+                ex = _normalise_example(ex, modalities, feature_dim, scale)
                 if ex["video_id"] in seen:
                     raise DatasetError(f"duplicate video_id {ex['video_id']!r}")
                 seen.add(ex["video_id"])
@@ -183,6 +310,10 @@ def write_feature_dataset(
         os.replace(staging_root, root)
         if backup:
             shutil.rmtree(backup, ignore_errors=True)
+    except Exception as e:  # the staging folder goes below; the old dataset stays
+        if errors.is_disk_full(e) and not isinstance(e, errors.DiskFullError):
+            raise errors.DiskFullError(os.fspath(data_dir), e) from e
+        raise
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return dataset_path(data_dir, name)
@@ -222,6 +353,13 @@ def load_feature_dataset(data_dir: str, name: str) -> FeatureDataset:
                            f"not written by data_prep. {PREP_HINT}")
     if not samples:
         raise DatasetError(f"Feature dataset at {path!r} is empty. {PREP_HINT}")
+    scale = score_scale(meta)
+    for s in samples:  # also datasets written by other code or an older prep stage
+        where = f"cannot be used (dataset {path!r})"
+        _check_score(s["video_id"], float(s["score"]), scale, where)
+        for m in meta["modalities"]:
+            if m in s:
+                _check_finite(s["video_id"], m, s[m], where)
     samples.sort(key=lambda s: s["video_id"])
     return FeatureDataset(name=name, path=path, samples=samples, metadata=meta)
 

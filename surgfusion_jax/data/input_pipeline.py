@@ -3,7 +3,7 @@
 A feature dataset (`feature_dataset.load_feature_dataset`) is moved to the accelerator
 once: every video's features are zero-padded to one length `T_pad` and stacked into
 `DeviceData.features[m]` of shape [N, T_pad, F] beside the true lengths [N] and the
-training targets [N] (0.5 * score / score_max, docs/design.md §1). Nothing is copied from the host
+training targets [N] (target_max * score / score_max, docs/design.md §1). Nothing is copied from the host
 during training afterwards.
 
 Training (paper §III-B.4: "we sample fixed-length consecutive segments ... with
@@ -43,7 +43,7 @@ class DeviceData:
 
     features: modality -> float [N, T_pad, F], zero beyond each video's length.
     lengths: int32 [N] number of real segments per video.
-    targets: float32 [N] training targets 0.5 * score / score_max.
+    targets: float32 [N] training targets target_max * score / score_max.
     """
 
     features: dict[str, Array]
@@ -67,7 +67,7 @@ def bucket_length(length: int, min_bucket: int = 8) -> int:
 
 def make_device_data(samples: Sequence[dict[str, Any]], modalities: Sequence[str],
                      score_max: float, *, window: int = 1, min_bucket: int = 8,
-                     dtype: Any = jnp.float32) -> DeviceData:
+                     target_max: float = 0.5, dtype: Any = jnp.float32) -> DeviceData:
     """Pads all videos to one length (>= the largest bucket and >= window) and moves them."""
     if not samples:
         raise ValueError("make_device_data needs at least one sample")
@@ -80,7 +80,8 @@ def make_device_data(samples: Sequence[dict[str, Any]], modalities: Sequence[str
         for i, s in enumerate(samples):
             arr[i, :lengths[i]] = s[m]
         features[m] = jnp.asarray(arr, dtype)
-    targets = metrics.to_target([float(s["score"]) for s in samples], score_max).astype(np.float32)
+    targets = metrics.to_target([float(s["score"]) for s in samples], score_max,
+                                target_max).astype(np.float32)
     return DeviceData(features=features, lengths=jnp.asarray(lengths),
                       targets=jnp.asarray(targets))
 

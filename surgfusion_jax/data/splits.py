@@ -103,6 +103,20 @@ def _source(sample) -> str:
     return src.decode() if isinstance(src, bytes) else str(src)
 
 
+# The sample field each scheme's folds group by (kfold: the source video).
+GROUP_FIELDS = {"loso": "supertrial", "louo": "surgeon_id", "kfold": "source_video"}
+
+
+def group_keys(samples: Sequence[Mapping[str, Any]], scheme: str) -> list[Any]:
+    """Per sample, the value `scheme`'s folds group by (`GROUP_FIELDS`); every value keeps
+    a source video whole, so an inner split grouped by it leaks no video either."""
+    if scheme == "kfold":
+        return [_source(s) for s in samples]
+    by_id = {v: key for key, ids in _group_field(samples, GROUP_FIELDS[scheme]).items()
+             for v in ids}
+    return [by_id[s["video_id"]] for s in samples]
+
+
 def _check_samples(samples) -> None:
     if not samples:
         raise SplitError("no samples to split (the feature dataset is empty).")
@@ -163,7 +177,7 @@ def make_splits(samples: Sequence[Mapping[str, Any]], scheme: str, num_folds: in
     if setup_dir:
         folds = read_jigsaws_setup(setup_dir, samples, scheme)
     else:
-        field, prefix = ("supertrial", "supertrial") if scheme == "loso" else ("surgeon_id", "user")
+        field, prefix = GROUP_FIELDS[scheme], ("supertrial" if scheme == "loso" else "user")
         bad = [s["video_id"] for s in samples if s.get(field) in (None, "", b"", 0)]
         if bad:
             raise SplitError(f"scheme {scheme!r} needs the sample field `{field}` "

@@ -6,8 +6,9 @@
   z-transformation (`fisher_z_mean`, r = tanh(mean_i artanh(r_i))), as in ref. [23].
 * MAE: mean absolute error in score units (GEARS / M-GEARS points, `mae`). The
   network predicts normalised scores in (0, 1) trained against the target
-  0.5 * score / score_max (Sec. III-B.1), so `to_score_units` (pred * 2 * score_max)
-  maps a prediction back before the MAE is taken; `to_target` is its inverse.
+  target_max * score / score_max (Sec. III-B.1: target_max 0.5), so `to_score_units`
+  (pred * score_max / target_max) maps a prediction back before the MAE is taken;
+  `to_target` is its inverse.
 
 Decisions (documented and tested):
   * Constant predictions (or constant labels) carry no ranking information: scipy
@@ -74,18 +75,27 @@ def mae(pred_scores, true_scores) -> float:
     return float(np.mean(np.abs(p - t)))
 
 
-def to_score_units(pred, score_max: float):
-    """Network output (normalised, target = 0.5 * score / score_max) -> score units."""
+def _check_scale(score_max: float, target_max: float) -> None:
     if not score_max > 0:
         raise ValueError(f"score_max must be positive, got {score_max!r} (dataset config field `score_max`).")
-    return np.asarray(pred, dtype=np.float64) * 2.0 * float(score_max)
+    if not 0 < target_max <= 1:
+        raise ValueError(f"target_max must lie in (0, 1] (a sigmoid head), got {target_max!r} "
+                         "(config field `data.target_max`).")
 
 
-def to_target(score, score_max: float):
-    """Score units -> training target 0.5 * score / score_max in [0, 0.5] (Sec. III-B.1)."""
-    if not score_max > 0:
-        raise ValueError(f"score_max must be positive, got {score_max!r} (dataset config field `score_max`).")
-    return np.asarray(score, dtype=np.float64) * 0.5 / float(score_max)
+def to_score_units(pred, score_max: float, target_max: float = 0.5):
+    """Network output (normalised, target = target_max * score / score_max) -> score units."""
+    _check_scale(score_max, target_max)
+    return np.asarray(pred, dtype=np.float64) * float(score_max) / float(target_max)
+
+
+def to_target(score, score_max: float, target_max: float = 0.5):
+    """Score units -> training target target_max * score / score_max in [0, target_max].
+
+    The paper normalises to [0, 0.5] (Sec. III-B.1, `target_max` 0.5); PAMFN's datasets
+    divide by the maximum score, [0, 1] (docs/parity.md measures both)."""
+    _check_scale(score_max, target_max)
+    return np.asarray(score, dtype=np.float64) * float(target_max) / float(score_max)
 
 
 def fisher_z_mean(values: Iterable[float]) -> float:

@@ -21,6 +21,9 @@ Results dict (written to `<workdir>/results.json`; NaN/inf are stored as null):
                     'mae_diff', 'mae_diff_ci95', 'n', 'unit'}}},  # `paired_differences`
     'paper':   {model: {'scc': float | None, 'mae': float | None}},         # optional
     'features_note': str | None,  # the features are not the paper's backbones (optional)
+    'baselines': {'ridge (rgb)' | ... | 'ridge (all)': {...}},  # linear probes, once per fold
+                 # (seed-free; `evaluation.baselines.ridge_cv`; optional)
+    'provenance': {...},  # versions, Python, platform, XLA_FLAGS, git (`surgfusion_jax.provenance`)
   }
 
 A fold record of a run trained with several seeds also holds its 'seed'.
@@ -28,17 +31,24 @@ A fold record of a run trained with several seeds also holds its 'seed'.
 `summarise(folds, source=...)` reads one (SCC, MAE) per fold and protocol, then takes the
 mean and population std over folds (`metrics.mean_std`), from either source:
 
-  source='history' (a training run's results.json; docs/design.md §5):
-    * 'paper'        the epoch with the best test-fold SCC and that epoch's MAE: the
-                     paper's protocol ("the best SCC and its corresponding MAE", §IV-A).
-                     It selects on the test fold and is optimistic.
-    * 'final'        the last epoch (no selection).
-    * 'val-selected' the epoch with the best inner-validation SCC (`val_scc`); present
-                     only when every history entry of every fold has one.
-    Ties go to the earliest epoch; NaN SCCs are never selected.
+  source='history' (a training run's results.json; docs/design.md §5.3):
+    * 'paper'        per fold, the epoch with the best test-fold SCC and that epoch's
+                     MAE: one reading of the paper's "the best SCC and its corresponding
+                     MAE" (§IV-A). It selects on the test fold and is optimistic.
+    * 'best-mean'    one epoch for all folds of a seed: the one with the best fold-mean
+                     test SCC (the other reading); also selects on the test folds.
+    * 'final'        the last epoch (no selection; unbiased).
+    * 'val-selected' per fold, the epoch with the best inner-validation SCC (`val_scc`;
+                     unbiased); present only when every history entry of every fold has one.
+    Ties go to the earliest epoch; NaN SCCs are never selected (an epoch where one fold's
+    SCC is NaN has a NaN fold mean). `tables.UNBIASED` names the readings that never look
+    at the test folds and `tables.PROTOCOL_NOTES` says what each picks (every table
+    prints both).
   source='predictions' (the experiment tables, which must come out the same when
-    recomputed from checkpoints): SCC and MAE recomputed from the saved test predictions
-    of the 'best' checkpoint ('paper') and of the last epoch ('final').
+    recomputed from checkpoints): 'paper' and 'final' recomputed from the saved test
+    predictions of the 'best' checkpoint and of the last epoch; 'best-mean' and
+    'val-selected' from the fold histories when every fold record carries one (a
+    recomputation reads them from the 'last' checkpoints).
 
 `across_tasks` combines per-task summaries into Table I's "Across Tasks" row.
 """
@@ -50,10 +60,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from surgfusion_jax import provenance
 from surgfusion_jax.evaluation import metrics, tables
 from surgfusion_jax.io import read_json, to_jsonable, write_json, atomic_write
 
-PROTOCOLS = ("paper", "final", "val-selected")
+PROTOCOLS = ("paper", "best-mean", "final", "val-selected")
 MODEL_ORDER = ("rgb", "flow", "mask", "fused")
 # Protocol -> key of the saved predictions it reads (source='predictions').
 PREDICTION_KEYS = {"paper": "checkpoint_best", "final": "final"}
@@ -64,12 +75,15 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _select(history: Sequence[Mapping[str, Any]], protocol: str) -> Mapping[str, Any] | None:
+def _select(history: Sequence[Mapping[str, Any]], protocol: str, shared_epoch: int | None = None
+            ) -> Mapping[str, Any] | None:
     if not history:
         return None
     entries = sorted(history, key=lambda h: h["epoch"])
     if protocol == "final":
         return entries[-1]
+    if protocol == "best-mean":
+        return next((h for h in entries if h["epoch"] == shared_epoch), None)
     key = "scc" if protocol == "paper" else "val_scc"
     if any(key not in h for h in entries):
         return None
@@ -79,24 +93,42 @@ def _select(history: Sequence[Mapping[str, Any]], protocol: str) -> Mapping[str,
     return entries[int(np.nanargmax(scores))]  # first maximum = earliest epoch
 
 
-def _reading(record: Mapping[str, Any] | None, protocol: str, source: str
-             ) -> dict[str, Any] | None | bool:
+def _shared_epoch(records: Sequence[Mapping[str, Any] | None]) -> int | None:
+    """The 'best-mean' epoch of one model over the fold records of one seed: the epoch
+    (among those every fold has) with the highest mean test SCC over the folds."""
+    per_fold = [{h["epoch"]: _num(h.get("scc")) for h in r["history"]}
+                for r in records if r and r.get("history")]
+    if not per_fold:
+        return None
+    epochs = sorted(set.intersection(*(set(d) for d in per_fold)))
+    if not epochs:
+        return None
+    means = np.array([np.mean([d[e] for d in per_fold]) for e in epochs])  # NaN in a fold -> NaN
+    if np.all(np.isnan(means)):
+        return epochs[-1]
+    return epochs[int(np.nanargmax(means))]  # first maximum = earliest epoch
+
+
+def _reading(record: Mapping[str, Any] | None, protocol: str, source: str,
+             shared_epoch: int | None = None) -> dict[str, Any] | None | bool:
     """(epoch, scc, mae) of one fold; None when the fold lacks the model (skipped); False
     when the protocol does not apply to it (the protocol is dropped)."""
-    if source == "history":
-        if not record or not record.get("history"):
+    if source == "predictions" and protocol in PREDICTION_KEYS:
+        pred = (record or {}).get("predictions", {}).get(PREDICTION_KEYS[protocol])
+        if pred is None:
             return None
-        chosen = _select(record["history"], protocol)
-        if chosen is None:
-            return False
-        return {"epoch": int(chosen["epoch"]), "scc": _num(chosen.get("scc")),
-                "mae": _num(chosen.get("mae"))}
-    pred = (record or {}).get("predictions", {}).get(PREDICTION_KEYS[protocol])
-    if pred is None:
+        p = np.asarray(pred["pred"], np.float64)  # JSON null (NaN) -> nan
+        t = np.asarray(pred["true"], np.float64)
+        return {"epoch": pred["epoch"], "scc": metrics.spearman(p, t), "mae": metrics.mae(p, t)}
+    if not record:
         return None
-    p = np.asarray(pred["pred"], np.float64)  # JSON null (NaN) -> nan
-    t = np.asarray(pred["true"], np.float64)
-    return {"epoch": pred["epoch"], "scc": metrics.spearman(p, t), "mae": metrics.mae(p, t)}
+    if not record.get("history"):  # source 'predictions': a record without history drops it
+        return None if source == "history" else False
+    chosen = _select(record["history"], protocol, shared_epoch)
+    if chosen is None:
+        return False
+    return {"epoch": int(chosen["epoch"]), "scc": _num(chosen.get("scc")),
+            "mae": _num(chosen.get("mae"))}
 
 
 def summarise(folds: Sequence[Mapping[str, Any]], source: str = "history"
@@ -136,12 +168,24 @@ def summarise(folds: Sequence[Mapping[str, Any]], source: str = "history"
 
 
 def paired_differences(folds: Sequence[Mapping[str, Any]], source: str = "history",
-                       reference: str = "fused") -> dict[str, dict[str, dict[str, Any]]]:
+                       reference: str = "fused",
+                       baselines: Mapping[str, Mapping[str, Any]] | None = None
+                       ) -> dict[str, dict[str, dict[str, Any]]]:
     """{'<reference> - <model>': {protocol: {scc_diff, scc_diff_ci95, mae_diff,
     mae_diff_ci95, n, unit}}}: the paired difference of `reference` and every other model,
     paired over seeds (their fold means) when the records hold several seeds, else over
-    folds; mean and 95% CI half width (Student's t)."""
+    folds; mean and 95% CI half width (Student's t).
+
+    `baselines` (results' 'baselines': seed-free, one reading per fold) are compared too,
+    under every protocol of `reference`: per seed against their fold mean, else per fold."""
     unit, readings = _readings_by_unit(folds, source)
+    ref_readings = readings.get(reference, {})
+    for name, b in (baselines or {}).items():
+        value = ({f["fold"]: (_num(f["scc"]), _num(f["mae"])) for f in b["per_fold"]}
+                 if unit == "fold" else None)
+        mean = (_num(b["scc_mean"]), _num(b["mae_mean"]))
+        readings[name] = {protocol: value or {k: mean for k in ref}
+                          for protocol, ref in ref_readings.items()}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for model in readings:
         if model == reference:
@@ -189,7 +233,6 @@ def _summarise_folds(folds: Sequence[Mapping[str, Any]], source: str
     """The summary of the fold records of one seed (see `summarise`)."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    protocols = PROTOCOLS if source == "history" else tuple(PREDICTION_KEYS)
     models: list[str] = []
     for fold in folds:
         models += [m for m in fold.get("models", {}) if m not in models]
@@ -197,10 +240,12 @@ def _summarise_folds(folds: Sequence[Mapping[str, Any]], source: str
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for model in models:
         by_protocol = {}
-        for protocol in protocols:
+        records = [fold.get("models", {}).get(model) for fold in folds]
+        shared = _shared_epoch(records)
+        for protocol in PROTOCOLS:
             per_fold, complete = [], True
-            for fold in folds:
-                reading = _reading(fold.get("models", {}).get(model), protocol, source)
+            for fold, record in zip(folds, records):
+                reading = _reading(record, protocol, source, shared)
                 if reading is False:
                     complete = False
                     break
@@ -249,9 +294,11 @@ def write_results(workdir: str, results: Mapping[str, Any],
     if not results.get("summary"):
         results["summary"] = summarise(results["folds"])
     if "comparisons" not in results:
-        results["comparisons"] = paired_differences(results["folds"])
+        results["comparisons"] = paired_differences(results["folds"],
+                                                    baselines=results.get("baselines"))
     if paper is not None:
         results["paper"] = paper
+    results.setdefault("provenance", provenance.record())  # kept when a results file is rewritten
     clean = to_jsonable(results)
     paths = {"json": os.path.join(workdir, "results.json"),
              "markdown": os.path.join(workdir, "results.md")}

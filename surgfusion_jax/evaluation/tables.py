@@ -2,8 +2,9 @@
 
 A cell is a float, a string, None (shown as '—') or a (mean, std) pair ('m ± s'; two
 columns `<col>` and `<col>_std` in CSV). `comparison_rows` turns a results summary
-(`evaluation.summary`) into one row per model; `results_markdown` is a run's
-`results.md`.
+(`evaluation.summary`) into one row per model (and one per ridge baseline,
+`evaluation.baselines`); `PROTOCOL_NOTES` / `UNBIASED` describe the readings every table
+names (`protocol_rows`); `results_markdown` is a run's `results.md`.
 """
 
 from __future__ import annotations
@@ -88,13 +89,46 @@ def csv_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
     return buf.getvalue()
 
 
+# The readings of a run (`summary.PROTOCOLS`): what each picks, and which never look at
+# the test fold (every results table names them).
+PROTOCOL_NOTES = {
+    "paper": "per fold, the epoch with the best test-fold SCC, with its MAE (the paper's "
+             "reading of \"the best SCC and its corresponding MAE\")",
+    "best-mean": "one epoch for all folds of a seed: the epoch with the best fold-mean "
+                 "test SCC (the other reading)",
+    "final": "the last epoch of every fold",
+    "val-selected": "per fold, the epoch with the best inner-validation SCC "
+                    "(cv.inner_val_fraction > 0)",
+}
+UNBIASED = ("final", "val-selected")
+
+
+def protocol_rows(protocols: Sequence[str]) -> list[dict[str, Any]]:
+    """The legend of the readings `protocols`: what each picks and whether it is unbiased."""
+    return [{"reading": p, "epoch": PROTOCOL_NOTES.get(p, p),
+             "unbiased": "yes" if p in UNBIASED else "no: selects on the test fold (optimistic)"}
+            for p in protocols]
+
+
+def _protocols(summary: Mapping[str, Any]) -> list[str]:
+    """The protocols of a summary, in first-seen order."""
+    out: list[str] = []
+    for by_protocol in summary.values():
+        out += [p for p in by_protocol if p not in out]
+    return out
+
+
 def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str, Any]] | None = None,
-                    protocols: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                    protocols: Sequence[str] | None = None,
+                    baselines: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> list[dict[str, Any]]:
     """One row per model: '<metric> (<protocol>)' = (mean, spread), plus 'paper SCC/MAE' when
     given; `protocols` (default: those of the summary, in its order) picks the columns.
 
     The spread is the SD over folds for one seed, and the 95% CI half width over seeds for
-    several (`evaluation.summary.summarise`)."""
+    several (`evaluation.summary.summarise`). `baselines` (results' 'baselines') add one
+    row each after the models: seed-free and without epochs, so the same number (mean ± SD
+    over folds) stands under every protocol."""
     rows = []
     for model, by_protocol in summary.items():
         row: dict[str, Any] = {"model": model}
@@ -108,7 +142,29 @@ def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str,
             row["paper SCC"] = (paper.get(model) or {}).get("scc")
             row["paper MAE"] = (paper.get(model) or {}).get("mae")
         rows.append(row)
+    for name, b in (baselines or {}).items():
+        row = {"model": name}
+        for protocol in (_protocols(summary) if protocols is None else protocols):
+            row[f"SCC ({protocol})"] = (b["scc_mean"], b["scc_std"])
+            row[f"MAE ({protocol})"] = (b["mae_mean"], b["mae_std"])
+        if paper is not None:
+            row["paper SCC"] = row["paper MAE"] = None
+        rows.append(row)
     return rows
+
+
+def baseline_rows(baselines: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(one row per baseline: SCC and MAE mean ± 95% CI half width over folds; one row per
+    baseline and fold: the chosen ridge penalty, SCC, MAE)."""
+    summary_rows, fold_rows = [], []
+    for name, b in baselines.items():
+        summary_rows.append({"baseline": name, "SCC": (b["scc_mean"], b["scc_ci95"]),
+                             "MAE": (b["mae_mean"], b["mae_ci95"]),
+                             "SCC SD": b["scc_std"], "MAE SD": b["mae_std"],
+                             "folds": b["n_folds"]})
+        fold_rows += [{"baseline": name, "fold": f["fold"], "alpha": f"{f['alpha']:.3g}",
+                       "SCC": f["scc"], "MAE": f["mae"]} for f in b["per_fold"]]
+    return summary_rows, fold_rows
 
 
 def difference_rows(comparisons: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -119,15 +175,16 @@ def difference_rows(comparisons: Mapping[str, Any]) -> list[dict[str, Any]]:
         for protocol, d in by_protocol.items():
             row[f"SCC diff ({protocol})"] = (d["scc_diff"], d["scc_diff_ci95"])
             row[f"MAE diff ({protocol})"] = (d["mae_diff"], d["mae_diff_ci95"])
-            row["paired over"] = f"{d['n']} {d['unit']}s"
+        row["paired over"] = f"{d['n']} {d['unit']}s"  # last column: protocols share units
         rows.append(row)
     return rows
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
-    """The Markdown report of a results dict with its summary (summary table, paired
-    differences, then per-fold numbers)."""
+    """The Markdown report of a results dict with its summary (the readings, the summary
+    table with the ridge baselines, paired differences, the baselines, per-fold numbers)."""
     summary = results["summary"]
+    baselines = results.get("baselines") or {}
     head = [f"# Results: {results.get('dataset', 'dataset')} — {results.get('scheme', 'scheme')}", ""]
     meta = {k: results[k] for k in ("dataset", "scheme", "seed", "seeds", "score_max") if k in results}
     if meta:
@@ -137,14 +194,25 @@ def results_markdown(results: Mapping[str, Any]) -> str:
               if seeds > 1 else "mean ± std over folds")
     if results.get("features_note"):  # the features are not the paper's backbones'
         head += [results["features_note"], ""]
-    head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Protocol 'paper' = best "
-             "test-fold epoch (optimistic, as in the paper); 'final' = last epoch; 'val-selected' = best "
-             "inner-validation epoch.", ""]
-    body = "\n" + markdown_table(comparison_rows(summary, results.get("paper")))
+    head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Each column is one "
+             "reading of the training history; only the unbiased ones never look at the test "
+             "fold:", "", markdown_table(protocol_rows(_protocols(summary)))]
+    if baselines:
+        head += ["Rows 'ridge (...)': ridge regression on each video's mean-pooled features "
+                 "(one modality, or all concatenated), its penalty chosen by grouped inner "
+                 "cross-validation on the training fold only; no epochs and no seeds, so one "
+                 "number (mean ± SD over folds) stands under every reading."]
+    body = "\n" + markdown_table(comparison_rows(summary, results.get("paper"), baselines=baselines))
     if results.get("comparisons"):
-        body += ("\n## Paired differences\n\nFused minus each branch, paired over seeds (or over "
-                 "folds for one seed): mean ± 95% CI half width; a CI that excludes 0 is a "
-                 "difference the runs support.\n\n" + markdown_table(difference_rows(results["comparisons"])))
+        body += ("\n## Paired differences\n\nFused minus each branch (and each ridge baseline), "
+                 "paired over seeds (or over folds for one seed): mean ± 95% CI half width; a CI "
+                 "that excludes 0 is a difference the runs support.\n\n"
+                 + markdown_table(difference_rows(results["comparisons"])))
+    if baselines:
+        summary_rows, fold_rows = baseline_rows(baselines)
+        body += ("\n## Linear-probe baselines\n\nMean ± 95% CI half width over folds (Student's "
+                 "t); predictions clipped to the score range.\n\n" + markdown_table(summary_rows)
+                 + "\n" + markdown_table(fold_rows))
     folds = []
     for model, by_protocol in summary.items():
         for protocol, s in by_protocol.items():

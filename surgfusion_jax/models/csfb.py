@@ -37,6 +37,8 @@ class CrossStageFusionBlock(nn.Module):
       num_heads: attention heads (Table V; paper default 2).
       fusion: fusion strategy (Table IV), see `fusion_strategies.STRATEGIES`.
       attention_dropout: dropout on the attention weights (0.1 in MAQA).
+      broadcast_dropout, output_projection, alpha_bias_init: see
+        `fusion_strategies.make_fusion`.
       dtype: computation dtype.
 
     The attention module is named `attention`; with the `intermediates` collection
@@ -47,6 +49,9 @@ class CrossStageFusionBlock(nn.Module):
     num_heads: int = 2
     fusion: str = "dra"
     attention_dropout: float = 0.1
+    broadcast_dropout: bool = True
+    output_projection: bool = True
+    alpha_bias_init: float = 2.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -71,7 +76,10 @@ class CrossStageFusionBlock(nn.Module):
         query = query[..., None, :]  # one query token per time step: [B, T, 1, d]
         tokens = jnp.stack(outputs, axis=-2).astype(query.dtype)  # Eq. 4: [B, T, M, d]
         attend = make_fusion(self.fusion, features=self.features, num_heads=self.num_heads,
-                             dropout_rate=self.attention_dropout, dtype=self.dtype,
+                             dropout_rate=self.attention_dropout,
+                             broadcast_dropout=self.broadcast_dropout,
+                             output_projection=self.output_projection,
+                             alpha_bias_init=self.alpha_bias_init, dtype=self.dtype,
                              name="attention")
         s = attend(query, tokens, tokens, deterministic=not train, sow_weights=True)  # Eq. 5
         return s[..., 0, :]

@@ -79,6 +79,7 @@ class PolicyNet(nn.Module):
 
     num_candidates: int
     global_pool: bool = False
+    noise_at_test: bool = False
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -88,8 +89,12 @@ class PolicyNet(nn.Module):
         logits = nn.Dense(self.num_candidates, dtype=self.dtype, name="logits")(x)
         logits, _ = layers.pool(logits.astype(jnp.float32), valid,
                                 global_pool=self.global_pool)
-        if train:
-            logits = logits + positional_gumbel(self.make_rng("gumbel"), logits.shape)
+        if train or self.noise_at_test:
+            # PAMFN samples the policy at test time too (F.gumbel_softmax in eval mode);
+            # without a 'gumbel' stream at test the noise is fixed (key 0): reproducible.
+            key = (self.make_rng("gumbel") if train or self.has_rng("gumbel")
+                   else jax.random.PRNGKey(0))
+            logits = logits + positional_gumbel(key, logits.shape)
         y_soft = jax.nn.softmax(logits / tau, axis=-1)
         y_hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), self.num_candidates,
                                 dtype=jnp.float32)
@@ -149,7 +154,10 @@ class DynamicFusionBlock(nn.Module):
       num_heads: attention heads.
       fusion: fusion strategy (Table IV), see `fusion_strategies.STRATEGIES`.
       attention_dropout: dropout on the attention weights (0.1 in MAQA).
+      broadcast_dropout, output_projection, alpha_bias_init: see
+        `fusion_strategies.make_fusion`.
       global_pool: stage pooling is the global mean (stage 3) instead of stride 2.
+      gumbel_at_test: Gumbel noise on the policy in eval mode too (PAMFN).
       dtype: computation dtype.
 
     Submodules: `fusion_nets`, `policy`, `query_proj`, `attention`. With the
@@ -163,7 +171,11 @@ class DynamicFusionBlock(nn.Module):
     num_heads: int = 2
     fusion: str = "dra"
     attention_dropout: float = 0.1
+    broadcast_dropout: bool = True
+    output_projection: bool = True
+    alpha_bias_init: float = 2.0
     global_pool: bool = False
+    gumbel_at_test: bool = False
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -191,8 +203,8 @@ class DynamicFusionBlock(nn.Module):
                 f"DynamicFusionBlock: pooled candidates {candidates.shape[:2]} do not match "
                 f"the fusion features {c.shape[:2]} in [batch, time]; check global_pool and "
                 "that the inputs are the stage-i inputs (one stage before the outputs).")
-        y_hard, y_st = PolicyNet(self.num_candidates, self.global_pool, dtype=self.dtype,
-                                 name="policy")(inputs, valid, tau=tau, train=train)
+        y_hard, y_st = PolicyNet(self.num_candidates, self.global_pool, self.gumbel_at_test,
+                                 dtype=self.dtype, name="policy")(inputs, valid, tau=tau, train=train)
         self.sow("intermediates", "policy_choice", y_hard)
         bias = candidate_bias(y_hard, y_st)[..., None, None, :]  # [B, T, heads, q, K]
 
@@ -200,7 +212,10 @@ class DynamicFusionBlock(nn.Module):
             jnp.concatenate([c, s], axis=-1))[..., None, :]  # Eq. 6 (before W^q)
         candidates = candidates.astype(query.dtype)
         attend = make_fusion(self.fusion, features=self.features, num_heads=self.num_heads,
-                             dropout_rate=self.attention_dropout, dtype=self.dtype,
+                             dropout_rate=self.attention_dropout,
+                             broadcast_dropout=self.broadcast_dropout,
+                             output_projection=self.output_projection,
+                             alpha_bias_init=self.alpha_bias_init, dtype=self.dtype,
                              name="attention")
         f = attend(query, candidates, candidates, bias=bias, deterministic=not train,
                    sow_weights=True)  # Eqs. 7, 8, 10

@@ -121,6 +121,8 @@ class DRA(nn.Module):
       causal: causal attention with prefix statistics (`dra_decode`); required by
         `decode=True` for the forms with statistics (adaptive or diversified).
       query_block_size: query rows per block of the memory-bounded path; None = dense.
+      output_projection: False returns the concatenated heads without the output
+        projection W^O (PAMFN's attention has none; needs out_features = qkv_features).
 
     Call: Flax's arguments (`inputs_q, inputs_k, inputs_v, *, inputs_kv, mask,
     deterministic, dropout_rng, sow_weights`) plus `bias`, an additive float bias
@@ -167,6 +169,7 @@ class DRA(nn.Module):
     alpha_bias_init: float = 2.0
     causal: bool = False
     query_block_size: int | None = None
+    output_projection: bool = True
 
     def _resolve_inputs(self, inputs_q, inputs_k, inputs_v, inputs_kv):
         """Flax's rules for the optional key/value inputs, with its errors and warnings."""
@@ -352,6 +355,12 @@ class DRA(nn.Module):
                 self.sow("intermediates", "attention_weights", weights)
             self.sow("intermediates", "alpha", alpha)
             self.sow("intermediates", "beta", beta)
+        if not self.output_projection:
+            if out_features != heads.shape[-2] * heads.shape[-1]:
+                raise ValueError(f"DRA: output_projection=False needs out_features "
+                                 f"({out_features}) = qkv_features "
+                                 f"({heads.shape[-2] * heads.shape[-1]}).")
+            return heads.reshape(heads.shape[:-2] + (-1,))
         return nn.DenseGeneral(
             features=out_features, axis=(-2, -1),
             kernel_init=self.out_kernel_init or self.kernel_init,

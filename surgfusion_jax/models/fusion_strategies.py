@@ -105,8 +105,9 @@ class ConcatFusion(nn.Module):
 
 
 def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
-                dropout_rate: float = 0.0, dtype: Dtype = jnp.float32,
-                name: str | None = None) -> nn.Module:
+                dropout_rate: float = 0.0, broadcast_dropout: bool = True,
+                output_projection: bool = True, alpha_bias_init: float = 2.0,
+                dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
     """Builds the fusion module of a Table IV strategy.
 
     Args:
@@ -114,6 +115,11 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
       features: query/key/value and output width.
       num_heads: attention heads (attention strategies only).
       dropout_rate: attention-weight dropout (attention strategies only).
+      broadcast_dropout: one dropout mask shared over the batch and heads (Flax's
+        default); False drops every weight independently (PyTorch's nn.Dropout, PAMFN).
+      output_projection: the attention's output projection W^O (False: PAMFN's
+        attention, which has none).
+      alpha_bias_init: initial logit of DRA's alpha (Eq. 12; 'dra' only).
       dtype: computation dtype.
       name: module name.
 
@@ -122,7 +128,7 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
       sow_weights=False) -> [..., q_len, features]`.
     """
     if strategy == "dra":
-        kwargs = dict(mixing="adaptive", diversify=True)
+        kwargs = dict(mixing="adaptive", diversify=True, alpha_bias_init=alpha_bias_init)
     elif strategy == "vanilla_ca":
         kwargs = dict(mixing="positive", diversify=False)
     elif strategy == "negative_ca":
@@ -135,4 +141,5 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
         raise ValueError(f"Unknown fusion strategy {strategy!r}; expected one of "
                          f"{STRATEGIES} (config field `fusion`).")
     return DRA(num_heads=num_heads, qkv_features=features, out_features=features,
-               dropout_rate=dropout_rate, dtype=dtype, name=name, **kwargs)
+               dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
+               output_projection=output_projection, dtype=dtype, name=name, **kwargs)

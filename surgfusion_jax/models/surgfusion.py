@@ -23,6 +23,7 @@ Everything is masked by `valid` (see `layers`): padded steps do not change any o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -40,6 +41,31 @@ Array = jax.Array
 PHASES = ("unimodal", "fusion", "all")
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """How CSFB and DFB attend (docs/parity.md measures each against PAMFN's choice).
+
+    Attributes:
+      dropout: dropout on the attention weights (0.1, MAQA).
+      broadcast_dropout: one dropout mask over batch and heads (Flax) or element-wise
+        (False; PyTorch's nn.Dropout in PAMFN).
+      output_projection: the output projection W^O (PAMFN's attention has none).
+      alpha_bias_init: initial logit of DRA's alpha (Eq. 12; docs/design.md §3.2).
+      gumbel_at_test: the DFB policy samples Gumbel noise in eval mode too (PAMFN).
+    """
+
+    dropout: float = 0.1
+    broadcast_dropout: bool = True
+    output_projection: bool = True
+    alpha_bias_init: float = 2.0
+    gumbel_at_test: bool = False
+
+    def block_kwargs(self) -> dict:
+        return dict(attention_dropout=self.dropout, broadcast_dropout=self.broadcast_dropout,
+                    output_projection=self.output_projection,
+                    alpha_bias_init=self.alpha_bias_init)
+
+
 class FusionStage(nn.Module):
     """One fusion stage: ResBlock, CSFB, DFB and concatenation (docs/design.md §2 steps 1-4)."""
 
@@ -48,7 +74,7 @@ class FusionStage(nn.Module):
     num_heads: int
     fusion: str
     use_dfb: bool
-    attention_dropout: float
+    attention: AttentionSettings
     global_pool: bool
     dtype: layers.Dtype
 
@@ -58,12 +84,14 @@ class FusionStage(nn.Module):
         c = layers.FusionResBlock(self.features, dtype=self.dtype, name="resblock")(
             c, valid, train=train)
         s = CrossStageFusionBlock(self.features, self.num_heads, self.fusion,
-                                  self.attention_dropout, dtype=self.dtype, name="csfb")(
-            c, outputs, train=train)
+                                  dtype=self.dtype, name="csfb",
+                                  **self.attention.block_kwargs())(c, outputs, train=train)
         if self.use_dfb:
             f = DynamicFusionBlock(self.features, self.num_candidates, self.num_heads,
-                                   self.fusion, self.attention_dropout, self.global_pool,
-                                   dtype=self.dtype, name="dfb")(
+                                   self.fusion, global_pool=self.global_pool,
+                                   gumbel_at_test=self.attention.gumbel_at_test,
+                                   dtype=self.dtype, name="dfb",
+                                   **self.attention.block_kwargs())(
                 c, s, inputs, inputs_valid, tau=tau, train=train)
         else:  # Table III "CSFB only": a zero placeholder for the DFB output
             f = jnp.zeros_like(s)
@@ -81,7 +109,8 @@ class FusionBranch(nn.Module):
     feature_dropout: float = 0.5
     head_dropout: float = 0.0
     head_hidden_dropout: float = 0.5
-    attention_dropout: float = 0.1
+    head_hidden_ratio: int = 2
+    attention: AttentionSettings = AttentionSettings()
     tau_init: float = 10.0
     dtype: layers.Dtype = jnp.float32
 
@@ -101,7 +130,7 @@ class FusionBranch(nn.Module):
         c = jnp.zeros(valid.shape + (3 * self.features,), self.dtype)
         for i in (1, 2, 3):
             c = FusionStage(self.features, self.num_candidates, self.num_heads, self.fusion,
-                            self.use_dfb, self.attention_dropout, global_pool=(i == 3),
+                            self.use_dfb, self.attention, global_pool=(i == 3),
                             dtype=self.dtype, name=f"stage{i}")(
                 c, valid, [f[i - 1] for f in feats], valids[i - 1], [f[i] for f in feats],
                 tau=tau, train=train)
@@ -109,8 +138,8 @@ class FusionBranch(nn.Module):
                 c, valid = layers.pool(c, valid, global_pool=(i == 2))
 
         h = nn.Dropout(self.head_dropout, deterministic=not train)(c)
-        h = layers.ConvBNAct(self.features // 2, 1, nn.relu, dtype=self.dtype,
-                             name="head_hidden")(h, valid, train=train)
+        h = layers.ConvBNAct(self.features // self.head_hidden_ratio, 1, nn.relu,
+                             dtype=self.dtype, name="head_hidden")(h, valid, train=train)
         h = nn.Dropout(self.head_hidden_dropout, deterministic=not train)(h)
         y = nn.Dense(1, dtype=self.dtype, name="head_out")(h)
         return jax.nn.sigmoid(y[:, 0, 0].astype(jnp.float32))
@@ -130,8 +159,14 @@ class SurgFusionNet(nn.Module):
       embed_dropout, branch_head_dropout: unimodal-branch dropouts (0.3, 0.5).
       feature_dropout: dropout on the frozen unimodal features fed to fusion (0.5).
       head_dropout, head_hidden_dropout: fusion-head dropouts (0.0 = MAQA's fc_drop, 0.5).
+      head_hidden_ratio: the fusion head's hidden width is features // this (2, MAQA's fc_r).
       attention_dropout: attention-weight dropout in CSFB/DFB (0.1, MAQA).
+      broadcast_dropout, attention_output_projection, alpha_bias_init, gumbel_at_test:
+        see `AttentionSettings`.
       tau_init: initial Gumbel temperature (10, MAQA); learned as `fusion/log_tau`.
+      frozen_branch_train: in phase 'fusion' with train=True, run the frozen branches in
+        train mode (BatchNorm batch statistics, updated running averages, branch dropout),
+        as PAMFN's `model.train()` does; gradients stay stopped either way.
       dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
 
     Call: `model.apply(variables, inputs, valid, train=..., phase=...)` with `inputs`
@@ -154,8 +189,14 @@ class SurgFusionNet(nn.Module):
     feature_dropout: float = 0.5
     head_dropout: float = 0.0
     head_hidden_dropout: float = 0.5
+    head_hidden_ratio: int = 2
     attention_dropout: float = 0.1
+    broadcast_dropout: bool = True
+    attention_output_projection: bool = True
+    alpha_bias_init: float = 2.0
+    gumbel_at_test: bool = False
     tau_init: float = 10.0
+    frozen_branch_train: bool = False
     dtype: layers.Dtype = jnp.float32
 
     def _check(self, inputs: Mapping[str, Array], phase: str) -> None:
@@ -187,14 +228,19 @@ class SurgFusionNet(nn.Module):
         if phase in ("fusion", "all"):
             stages, valids = [], None
             for m, branch in branches.items():
-                # Frozen branch: running BN statistics, no dropout, no gradient.
-                _, feats, valids = branch(inputs[m], valid, train=False)
+                # Frozen branch: no gradient; running BN statistics and no dropout unless
+                # `frozen_branch_train`.
+                _, feats, valids = branch(inputs[m], valid,
+                                          train=train and self.frozen_branch_train)
                 stages.append([jax.lax.stop_gradient(x) for x in feats])
+            attention = AttentionSettings(self.attention_dropout, self.broadcast_dropout,
+                                          self.attention_output_projection,
+                                          self.alpha_bias_init, self.gumbel_at_test)
             out["fused"] = FusionBranch(
                 self.features, self.num_candidates, self.num_heads, self.fusion, self.use_dfb,
                 self.feature_dropout, self.head_dropout, self.head_hidden_dropout,
-                self.attention_dropout, self.tau_init, dtype=self.dtype, name="fusion")(
-                stages, valids, train=train)
+                self.head_hidden_ratio, attention, self.tau_init, dtype=self.dtype,
+                name="fusion")(stages, valids, train=train)
         if phase in ("unimodal", "all"):
             for m, branch in branches.items():
                 out[m], _, _ = branch(inputs[m], valid, train=train)

@@ -10,9 +10,11 @@
      'best', the test-selected epoch as in MAQA's code, which leaks test information
      into the fusion phase). Both phases evaluate the test fold (and the inner
      validation split when `cv.inner_val_fraction` > 0) after every epoch;
-  4. writes `results.json` / `results.md` (`evaluation.summary.write_results`) with the paper
-     protocol (best test-fold epoch's SCC and its MAE), the final epoch and, with an
-     inner validation split, the validation-selected epoch, averaged over folds.
+  4. writes `results.json` / `results.md` (`evaluation.summary.write_results`) with the
+     readings of every fold's history (`summary.PROTOCOLS`: best test epoch per fold, the
+     epoch of the best fold-mean test SCC, the final epoch and, with an inner validation
+     split, the validation-selected epoch) and the ridge baselines of the same folds
+     (`ridge_baselines`, computed once before training).
 
 Workdir layout:
   config.json           the run's config (a resumed run must match it)
@@ -28,16 +30,17 @@ fold_in(that, 0) and phase p (0 unimodal, 1 fusion) trains with fold_in(that, p 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from surgfusion_jax import errors
+from surgfusion_jax import config_lib, errors
 from surgfusion_jax.data import feature_dataset, splits
-from surgfusion_jax.evaluation import metrics, paper_results, summary
+from surgfusion_jax.evaluation import baselines, metrics, paper_results, summary
 from surgfusion_jax.io import read_json, to_jsonable, write_json
+from surgfusion_jax.models import init_schemes
 from surgfusion_jax.training import checkpoints, phase, runs, tensorboard, train
 
 # Fields that may differ between a run and its resumption (they change no number).
@@ -49,13 +52,16 @@ class ConfigError(errors.UserError, ValueError):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the values `run_cross_validation` relies on; raises ConfigError."""
+    """Checks the values `run_cross_validation` relies on (after `config_lib.resolve`);
+    raises ConfigError or config_lib.PresetError."""
+    config = config_lib.resolve(config)
     def need(ok: bool, field: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"config.{field}: {message} (set it with --config.{field}=...).")
 
     need(bool(config.data.name), "data.name", "empty; name the feature dataset to train on")
-    need(config.data.score_max > 0, "data.score_max", f"must be > 0, got {config.data.score_max}")
+    need(config.data.score_max >= 0, "data.score_max",
+         f"must be >= 0 (0: from the dataset's score scale), got {config.data.score_max}")
     need(config.data.window >= 1, "data.window", f"must be >= 1, got {config.data.window}")
     mods = tuple(config.data.modalities)
     need(bool(mods) and set(mods) <= set(feature_dataset.MODALITIES)
@@ -72,6 +78,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.model.features % max(config.model.num_heads, 1) == 0 and
          config.model.num_heads >= 1, "model.num_heads",
          f"must be >= 1 and divide model.features={config.model.features}")
+    need(0.0 < config.data.target_max <= 1.0, "data.target_max",
+         f"must lie in (0, 1] (a sigmoid head), got {config.data.target_max}")
+    need(config.model.init in init_schemes.SCHEMES, "model.init",
+         f"must be one of {init_schemes.SCHEMES}, got {config.model.init!r}")
     need(config.fusion.init_from in ("last", "best"), "fusion.init_from",
          f"must be 'last' or 'best', got {config.fusion.init_from!r}")
     for phase in train.PHASES:
@@ -129,9 +139,11 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
     Raises errors.UserError subclasses (a missing/broken dataset, ConfigError,
     splits.SplitError) and errors.StopRequested (debug.stop_after_epochs reached).
     """
+    config = config_lib.resolve(config)  # the run saves and uses the preset's values
     validate_config(config)
     workdir = workdir or resolve_workdir(config)
     dataset = feature_dataset.load_feature_dataset(config.data.data_dir, config.data.name)
+    config.data.score_max = feature_dataset.resolve_score_max(dataset, config.data.score_max)
     runs.check_modalities(config, dataset)  # before anything is written
     os.makedirs(workdir, exist_ok=True)
     _check_or_write_config(workdir, config)
@@ -142,12 +154,14 @@ def run_cross_validation(config: ml_collections.ConfigDict, workdir: str | None 
         raise ConfigError(f"config.cv.folds: {sorted(selected)} are not all fold numbers of "
                           f"this run (1..{len(folds)}); fix --config.cv.folds.")
     run = runs.prepare(config, workdir, dataset, folds)
+    ridge = ridge_baselines(run)  # cheap; before training, so a bad dataset fails first
     budget = phase.EpochBudget(config.debug.stop_after_epochs or None)
     records = [record for group in run.groups() for record in run_group(run, group, budget)]
     results = {"config": run_config_dict(config), "dataset": config.data.name,
                "scheme": config.cv.scheme, "seed": config.seed, "seeds": run.seeds,
                "score_max": config.data.score_max, "folds": records,
-               "features_note": feature_dataset.backbone_note(dataset.metadata, config.data.name)}
+               "features_note": feature_dataset.backbone_note(dataset.metadata, config.data.name),
+               "baselines": ridge}
     written = summary.write_results(workdir, results, paper=_paper_numbers(config))
     return written["results"], run
 
@@ -175,7 +189,8 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
     eval_sets = [run.eval_sets(m) for m in group]
     test_ids = [[samples[i]["video_id"] for i in es["test"].indices] for es in eval_sets]
     variables = train.stack([train.init_variables(run.model, jax.random.fold_in(m.key, 0),
-                                                  run.feature_dim) for m in group])
+                                                  run.feature_dim, scheme=config.model.init)
+                             for m in group])
     records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.train), "val": list(m.val),
                 "test": list(m.fold.test), "models": {}} for m in group]
     desc = group[0].name if len(group) == 1 else f"{len(group)} runs"
@@ -188,7 +203,8 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
         states = train.create_train_states(run.model, variables,
                                            train.make_optimizer(phase_name, cfg), phase_name,
                                            learning_rate=cfg.learning_rate,
-                                           loss_alpha=config.loss_alpha)
+                                           loss_alpha=config.loss_alpha,
+                                           mask_padding=config.data.mask_padding)
         members = [phase.Member(
             m.name, np.array([run.position[v] for v in m.train]), es,
             jax.random.fold_in(m.key, p + 1),
@@ -200,7 +216,7 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
             states, metas = phase.run_phase(
                 states, run.data, members, num_epochs=cfg.num_epochs,
                 batch_size=cfg.batch_size, window=config.data.window,
-                score_max=config.data.score_max,
+                score_max=config.data.score_max, target_max=config.data.target_max,
                 learning_rate=train.learning_rate_schedule(cfg),
                 eval_batch_size=config.eval_batch_size, min_bucket=config.min_bucket,
                 checkpoint_every=config.checkpoint_every_epochs,
@@ -213,29 +229,55 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
         for record, meta, es, ids in zip(records, metas, eval_sets, test_ids):
             final = {h: p[es["test"].indices] for h, p in meta["final"].items()}
             record["models"].update(_model_records(meta, final, es["test"], ids,
-                                                   config.data.score_max))
+                                                   config.data.score_max,
+                                                   config.data.target_max))
     return records
 
 
+def history_rows(history: Sequence[Mapping[str, Any]], head: str) -> list[dict[str, Any]]:
+    """One head's reporting history (epoch, loss, test scc/mae, val_scc/val_mae) from a
+    phase's history (`phase.run_phase`, also kept in its 'last' checkpoints)."""
+    rows = []
+    for entry in history:
+        row = {"epoch": entry["epoch"], "loss": entry["loss"],
+               "scc": entry["test"][head]["scc"], "mae": entry["test"][head]["mae"]}
+        if "val" in entry:
+            row.update(val_scc=entry["val"][head]["scc"], val_mae=entry["val"][head]["mae"])
+        rows.append(row)
+    return rows
+
+
+def ridge_baselines(run: runs.RunData) -> dict[str, Any]:
+    """The run's linear-probe baselines (`evaluation.baselines.ridge_cv`; results'
+    'baselines'): once per selected fold, seed-free, on the whole training fold (ridge picks
+    its penalty by its own inner CV, grouped as the outer split; by source video when a
+    training fold holds a single surgeon or supertrial), clipped to [0, score_max]."""
+    samples, folds = run.samples, [f for _, f in run.selected_folds()]
+    index_folds = [f.indices(samples) for f in folds]
+    groups = splits.group_keys(samples, run.config.cv.scheme)
+    if any(len({groups[i] for i in train}) < 2 for train, _ in index_folds):
+        groups = splits.group_keys(samples, "kfold")
+    return baselines.ridge_cv({m: [s[m] for s in samples] for m in run.modalities},
+                              run.scores, index_folds, groups,
+                              score_range=(0.0, float(run.config.data.score_max)),
+                              fold_names=[f.name for f in folds],
+                              video_ids=[s["video_id"] for s in samples])
+
+
 def _model_records(meta: Mapping[str, Any], final: Mapping[str, np.ndarray],
-                   test: phase.EvalSet, video_ids: list[str], score_max: float
-                   ) -> dict[str, Any]:
+                   test: phase.EvalSet, video_ids: list[str], score_max: float,
+                   target_max: float) -> dict[str, Any]:
     """Per head: the reporting history (test scc/mae, val_scc/val_mae, loss) and the test
     predictions (score units) of the final epoch and of the best (checkpointed) epoch."""
     records = {}
     history = meta["history"]
     for head in final:
-        rows = []
-        for entry in history:
-            row = {"epoch": entry["epoch"], "loss": entry["loss"],
-                   "scc": entry["test"][head]["scc"], "mae": entry["test"][head]["mae"]}
-            if "val" in entry:
-                row.update(val_scc=entry["val"][head]["scc"], val_mae=entry["val"][head]["mae"])
-            rows.append(row)
+        rows = history_rows(history, head)
         best = meta["best"]
         preds = {"final": {"epoch": history[-1]["epoch"], "video_ids": video_ids,
                            "true": test.scores.tolist(),
-                           "pred": metrics.to_score_units(final[head], score_max).tolist()}}
+                           "pred": metrics.to_score_units(final[head], score_max,
+                                                          target_max).tolist()}}
         if best.get("predictions"):
             preds["checkpoint_best"] = {"epoch": best["epoch"], "video_ids": video_ids,
                                         "true": test.scores.tolist(),

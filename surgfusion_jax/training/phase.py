@@ -75,11 +75,11 @@ class EpochBudget:
         return self.exhausted
 
 
-def score_metrics(preds: Mapping[str, np.ndarray], scores: np.ndarray, score_max: float
-                  ) -> dict[str, dict[str, float]]:
+def score_metrics(preds: Mapping[str, np.ndarray], scores: np.ndarray, score_max: float,
+                  target_max: float = 0.5) -> dict[str, dict[str, float]]:
     """SCC and MAE (score units) per head (docs/design.md §5)."""
     return {h: {"scc": metrics.spearman(p, scores),
-                "mae": metrics.mae(metrics.to_score_units(p, score_max), scores)}
+                "mae": metrics.mae(metrics.to_score_units(p, score_max, target_max), scores)}
             for h, p in sorted(preds.items())}
 
 
@@ -129,7 +129,11 @@ def _resume(states: Any, members: Sequence[Member]) -> tuple[Any, list, list, in
             m.checkpoints.discard_after(0)
         return (states, *fresh, 0)
     template = train.unstack(states, 0)
-    restored = [m.checkpoints.restore_last(template, epoch=epoch) for m in members]
+    while True:  # a damaged step sends its run back one save: the whole group follows
+        restored = [m.checkpoints.restore_last(template, epoch=epoch) for m in members]
+        if min(r[2]["epoch"] for r in restored) == epoch:
+            break
+        epoch = min(r[2]["epoch"] for r in restored)
     states = train.stack([r[0] for r in restored])
     for m, r in zip(members, restored):
         m.rng = r[1]
@@ -139,6 +143,7 @@ def _resume(states: Any, members: Sequence[Member]) -> tuple[Any, list, list, in
 
 def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Member], *,
               num_epochs: int, batch_size: int, window: int, score_max: float,
+              target_max: float = 0.5,
               learning_rate, eval_batch_size: int = 8, min_bucket: int = 8,
               checkpoint_every: int = 1, desc: str = "", progress: bool = True,
               budget: EpochBudget | None = None) -> tuple[Any, list[dict[str, Any]]]:
@@ -185,7 +190,7 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
             entry.update({k: float(v[r]) for k, v in train_metrics.items()})
             for name, es in m.eval_sets.items():
                 entry[name] = score_metrics({h: p[r, es.indices] for h, p in preds.items()},
-                                            es.scores, score_max)
+                                            es.scores, score_max, target_max)
             histories[r].append(entry)
             if "test" in entry:
                 value = selection_value(entry["test"])
@@ -193,7 +198,8 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
                     test_idx = m.eval_sets["test"].indices
                     bests[r] = {"epoch": epoch, "selection": value, "test": entry["test"],
                                 "predictions": {h: metrics.to_score_units(p[r, test_idx],
-                                                                          score_max).tolist()
+                                                                          score_max,
+                                                                          target_max).tolist()
                                                 for h, p in preds.items()}}
                     if m.checkpoints is not None:  # written with the next `last` step
                         best_states[r] = host.variables(r)

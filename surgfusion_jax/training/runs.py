@@ -161,7 +161,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
     modalities = tuple(config.data.modalities)
     data = input_pipeline.make_device_data(dataset.samples, modalities, config.data.score_max,
                                            window=config.data.window,
-                                           min_bucket=config.min_bucket)
+                                           min_bucket=config.min_bucket,
+                                           target_max=config.data.get("target_max", 0.5))
     return RunData(workdir, config, dataset, list(folds), data,
                    train.build_model(config.model, modalities))
 
@@ -200,6 +201,7 @@ def load_run(workdir: str, data_dir: str | None = None, name: str | None = None)
     dataset = feature_dataset.load_feature_dataset(data_dir or config.data.data_dir,
                                                    name or config.data.name)
     check_or_write_features(workdir, dataset, write=False)
+    config.data.score_max = feature_dataset.resolve_score_max(dataset, config.data.score_max)
     folds = splits.load_splits(os.path.join(workdir, "splits.json"))
     return prepare(config, workdir, dataset, folds)
 
@@ -213,6 +215,10 @@ def restore(run: RunData, member: str, phase: str, which: str
         return ckpt.restore_variables(which, run.template)
     except FileNotFoundError as e:
         raise MissingRunError(str(e)) from None
+    except checkpoints.CheckpointError as e:  # the entry point may name its own command
+        e.command = ("the training command of this run (python -m surgfusion_jax.main "
+                     f"--config=<its config> --config.workdir={run.workdir})")
+        raise
     finally:
         ckpt.close()
 

@@ -39,10 +39,10 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from surgfusion_jax.data import input_pipeline
+from surgfusion_jax.data import feature_dataset, input_pipeline
 from surgfusion_jax.errors import StopRequested
 from surgfusion_jax.evaluation import metrics
-from surgfusion_jax.models import losses
+from surgfusion_jax.models import init_schemes, losses
 from surgfusion_jax.models.surgfusion import SurgFusionNet
 
 Array = jax.Array
@@ -55,16 +55,29 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
     phase: str = flax.struct.field(pytree_node=False, default="unimodal")
     loss_alpha: float = flax.struct.field(pytree_node=False, default=0.5)
+    # False: training windows' zero padding is data (PAMFN's literal zero padding); the
+    # model then sees every step of a window as valid. Evaluation stays masked.
+    mask_padding: bool = flax.struct.field(pytree_node=False, default=True)
+
+
+# config.model fields -> SurgFusionNet fields they set (and their type); a field missing
+# from a config (a run saved before it existed) keeps the module's default.
+_MODEL_FIELDS = {
+    "features": int, "embed_features": int, "num_candidates": int, "num_heads": int,
+    "fusion": str, "use_dfb": bool, "embed_dropout": float, "branch_head_dropout": float,
+    "feature_dropout": float, "head_dropout": float, "head_hidden_dropout": float,
+    "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
+    "attention_output_projection": bool, "alpha_bias_init": float, "gumbel_at_test": bool,
+    "tau_init": float, "frozen_branch_train": bool,
+}
 
 
 def build_model(model_config: Mapping[str, Any], modalities: Sequence[str]) -> SurgFusionNet:
-    """SurgFusionNet from `config.model`."""
-    return SurgFusionNet(
-        modalities=tuple(modalities), features=int(model_config["features"]),
-        embed_features=int(model_config["embed_features"]),
-        num_candidates=int(model_config["num_candidates"]),
-        num_heads=int(model_config["num_heads"]), fusion=str(model_config["fusion"]),
-        use_dfb=bool(model_config["use_dfb"]), dtype=jnp.dtype(model_config["dtype"]))
+    """SurgFusionNet from `config.model` (a resolved config: `config_lib.resolve`)."""
+    fields = {name: kind(model_config[name]) for name, kind in _MODEL_FIELDS.items()
+              if model_config.get(name) is not None}
+    return SurgFusionNet(modalities=tuple(modalities), dtype=jnp.dtype(model_config["dtype"]),
+                         **fields)
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,11 +96,13 @@ def _init(model: SurgFusionNet, rng: Array, feature_dim: int, length: int) -> An
                       jnp.ones((1, length), bool), train=False, phase="all")
 
 
-def init_variables(model: SurgFusionNet, rng: Array, feature_dim: int, length: int = 8
-                   ) -> dict[str, Any]:
-    """Every parameter and BatchNorm statistic of the model (phase='all')."""
+def init_variables(model: SurgFusionNet, rng: Array, feature_dim: int, length: int = 8,
+                   scheme: str = "flax") -> dict[str, Any]:
+    """Every parameter and BatchNorm statistic of the model (phase='all'), initialised by
+    `scheme` ('flax' | 'torch', `init_schemes.reinit`; config field `model.init`)."""
     variables = _init(model, rng, int(feature_dim), int(length))
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    params = init_schemes.reinit(variables["params"], jax.random.fold_in(rng, 1), scheme)
+    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 
 
 def abstract_variables(model: SurgFusionNet, feature_dim: int, length: int = 8) -> Any:
@@ -107,6 +122,13 @@ def param_labels(params: Any, phase: str) -> Any:
         return "head" if any("head" in str(getattr(k, "key", "")).lower() for k in path[1:]) \
             else "train"
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _branch_labels(params: Any) -> Any:
+    """Each branch's parameters labelled with its name ('branch_rgb', ...); the rest
+    'frozen' (phase 'unimodal' with `clip_per_branch`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key if path[0].key.startswith("branch_") else "frozen", params)
 
 
 def learning_rate_schedule(cfg: Mapping[str, Any]):
@@ -129,15 +151,24 @@ def make_optimizer(phase: str, cfg: Mapping[str, Any]) -> optax.GradientTransfor
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
     keys = ("weight_decay", "grad_clip")
-    keys += ("momentum",) if phase == "unimodal" else ("head_lr_factor",)
-    return _make_optimizer(phase, tuple((k, float(cfg[k])) for k in keys))
+    keys += ("momentum", "clip_per_branch") if phase == "unimodal" else ("head_lr_factor",)
+    return _make_optimizer(phase, tuple((k, float(cfg.get(k) or 0)) for k in keys))
 
 
 @functools.lru_cache(maxsize=64)
 def _make_optimizer(phase: str, items: tuple) -> optax.GradientTransformation:
     cfg = dict(items)
 
+    clip = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
+
     def build(learning_rate):
+        if phase == "unimodal" and cfg["clip_per_branch"]:
+            # PAMFN trains each branch in its own run, clipping that branch's gradient.
+            sgd = optax.chain(*clip, optax.add_decayed_weights(cfg["weight_decay"]),
+                              optax.sgd(learning_rate, momentum=cfg["momentum"]))
+            transforms = {f"branch_{m}": sgd for m in feature_dataset.MODALITIES}
+            return optax.multi_transform({**transforms, "frozen": optax.set_to_zero()},
+                                         _branch_labels)
         if phase == "unimodal":
             train = optax.chain(optax.add_decayed_weights(cfg["weight_decay"]),
                                 optax.sgd(learning_rate, momentum=cfg["momentum"]))
@@ -148,9 +179,7 @@ def _make_optimizer(phase: str, items: tuple) -> optax.GradientTransformation:
                                weight_decay=cfg["weight_decay"])
         tx = optax.multi_transform({"train": train, "head": head, "frozen": optax.set_to_zero()},
                                    functools.partial(param_labels, phase=phase))
-        if cfg["grad_clip"] > 0:
-            tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
-        return tx
+        return optax.chain(*clip, tx)
 
     return optax.inject_hyperparams(build)(learning_rate=0.0)  # see create_train_state
 
@@ -164,22 +193,25 @@ def with_learning_rate(state: "TrainState", learning_rate: Array) -> "TrainState
 
 def create_train_state(model: SurgFusionNet, variables: Mapping[str, Any],
                        tx: optax.GradientTransformation, phase: str, *,
-                       learning_rate: float, loss_alpha: float = 0.5) -> TrainState:
+                       learning_rate: float, loss_alpha: float = 0.5,
+                       mask_padding: bool = True) -> TrainState:
     """TrainState of `phase` whose optimizer (`make_optimizer`) starts at `learning_rate`."""
     state = TrainState.create(apply_fn=_canonical(model).apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=tx, phase=phase,
-                              loss_alpha=float(loss_alpha))
+                              loss_alpha=float(loss_alpha), mask_padding=bool(mask_padding))
     state = state.replace(step=jnp.zeros((), jnp.int32))  # not weakly typed: no retrace
     return with_learning_rate(state, learning_rate)
 
 
 def create_train_states(model: SurgFusionNet, variables: Mapping[str, Any],
                         tx: optax.GradientTransformation, phase: str, *,
-                        learning_rate: float, loss_alpha: float = 0.5) -> TrainState:
+                        learning_rate: float, loss_alpha: float = 0.5,
+                        mask_padding: bool = True) -> TrainState:
     """The TrainStates of R runs stacked on a leading axis, from their variables stacked
     the same way: `create_train_state` of every run in one vmapped call."""
     return jax.vmap(lambda v: create_train_state(model, v, tx, phase, learning_rate=learning_rate,
-                                                 loss_alpha=loss_alpha))(variables)
+                                                 loss_alpha=loss_alpha,
+                                                 mask_padding=mask_padding))(variables)
 
 
 def phase_loss(outputs: Mapping[str, Array], target: Array, weight: Array,
@@ -202,9 +234,9 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: Array
         loss = phase_loss(outputs, batch["target"], batch["weight"], state.loss_alpha)
         return loss, updates["batch_stats"]
 
+    # In phase 'fusion' the frozen branches run on their running averages and return them
+    # unchanged, unless the model's `frozen_branch_train` updates them (PAMFN).
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if state.phase == "fusion":  # frozen branches keep their statistics
-        batch_stats = {**state.batch_stats, "fusion": batch_stats.get("fusion", {})}
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
@@ -227,6 +259,8 @@ def _epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: Array,
         step, idx_b, weight_b, key = xs
         window_rng, key = jax.random.split(key)
         inputs, valid = input_pipeline.sample_windows(window_rng, data, idx_b, window)
+        if not state.mask_padding:
+            valid = jnp.ones_like(valid)
         batch = {"inputs": inputs, "valid": valid, "target": data.targets[idx_b],
                  "weight": weight_b}
         new_state, metrics = train_step(state, batch, key)

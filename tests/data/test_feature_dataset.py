@@ -83,3 +83,113 @@ def test_corrupt_records_give_a_clear_error(tmp_path):
         f.write(b"\xff" * 64)
     with pytest.raises(fd.DatasetError, match="cannot be read.*re-run the prep stage"):
         fd.load_feature_dataset(tmp_path, "toy")
+
+
+# -- score scale and non-finite values (issue 14, item 4) ---------------------------------
+
+SCALED = dict(META, **fd.parse_score_scale("gears").metadata())
+
+
+def _unchecked_write(monkeypatch, tmp_path, examples, meta=SCALED):
+    """A dataset written by code that skips the writer's checks (another tool, old prep)."""
+    with monkeypatch.context() as m:
+        m.setattr(fd, "_check_score", lambda *a: None)
+        m.setattr(fd, "_check_finite", lambda *a: None)
+        fd.write_feature_dataset(tmp_path, "toy", examples, meta, feature_dim=8)
+
+
+def test_scale_is_stored_and_read_back(tmp_path):
+    fd.write_feature_dataset(tmp_path, "toy", _examples(), SCALED, feature_dim=8)
+    ds = fd.load_feature_dataset(tmp_path, "toy")
+    assert fd.score_scale(ds.metadata) == fd.ScoreScale("gears", 6.0, 30.0)
+    assert (ds.metadata["score_min"], ds.metadata["score_max"]) == (6.0, 30.0)
+    assert fd.resolve_score_max(ds, 0) == 30.0 and fd.resolve_score_max(ds, 30.0) == 30.0
+    custom = dict(META, **fd.parse_score_scale("10,12").metadata())
+    fd.write_feature_dataset(tmp_path, "custom", _examples(), custom, feature_dim=8)
+    assert fd.resolve_score_max(fd.load_feature_dataset(tmp_path, "custom"), 0.0) == 12.0
+
+
+def test_config_score_max_that_disagrees_with_the_scale_is_an_error(tmp_path):
+    fd.write_feature_dataset(tmp_path, "toy", _examples(),
+                             dict(META, **fd.parse_score_scale("0,25").metadata()), feature_dim=8)
+    ds = fd.load_feature_dataset(tmp_path, "toy")
+    with pytest.raises(fd.ScoreScaleError, match=r"config.data.score_max=30 disagrees with the "
+                       r"score scale of dataset 'toy' \(custom 0-25, score_max 25.*"
+                       r"--config.data.score_max=0"):
+        fd.resolve_score_max(ds, 30.0)
+
+
+@pytest.mark.parametrize("score, message", [
+    (31.0, r"'vid1': score 31 cannot be written: it is outside the dataset's score scale gears "
+           r"6-30; fix:.*--score_scale="),
+    (99.0, "score 99 cannot be written: it is outside"),
+    (5.0, "score 5 cannot be written: it is outside"),
+    (float("nan"), r"'vid1': score nan cannot be written: it is not a number"),
+    (float("inf"), "'vid1': score inf cannot be written: it is not a number"),
+])
+def test_scores_off_the_scale_or_nan_are_refused_at_write(tmp_path, score, message):
+    exs = list(_examples())
+    exs[1]["score"] = score
+    with pytest.raises(fd.DatasetError, match=message):
+        fd.write_feature_dataset(tmp_path, "toy", exs, SCALED, feature_dim=8)
+    assert not os.path.exists(tmp_path / "toy")
+
+
+def test_nan_scores_are_refused_without_a_scale_too(tmp_path):
+    exs = list(_examples())
+    exs[0]["score"] = float("nan")
+    with pytest.raises(fd.DatasetError, match="'vid0': score nan cannot be written"):
+        fd.write_feature_dataset(tmp_path, "toy", exs, META, feature_dim=8)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_at_write_naming_video_and_modality(tmp_path, value):
+    exs = list(_examples())
+    exs[2]["mask"][3, 1] = value
+    with pytest.raises(fd.DatasetError, match=r"sample 'vid2': mask features cannot be written: "
+                       r"1 NaN/inf value\(s\) in segment\(s\) \[3\]; fix: re-extract"):
+        fd.write_feature_dataset(tmp_path, "toy", exs, SCALED, feature_dim=8)
+
+
+def test_malformed_scale_metadata_is_refused_at_write(tmp_path):
+    with pytest.raises(fd.ScoreScaleError, match="0 <= MIN < MAX"):
+        fd.write_feature_dataset(tmp_path, "toy", _examples(),
+                                 dict(META, score_scale="custom", score_min=30, score_max=6),
+                                 feature_dim=8)
+    with pytest.raises(fd.DatasetError, match="score_min/score_max are missing"):
+        fd.write_feature_dataset(tmp_path, "toy", _examples(), dict(META, score_scale="gears"),
+                                 feature_dim=8)
+
+
+def test_non_finite_features_are_refused_at_load(tmp_path, monkeypatch):
+    exs = list(_examples())
+    exs[1]["flow"][0, :] = np.nan
+    _unchecked_write(monkeypatch, tmp_path, exs)
+    with pytest.raises(fd.DatasetError, match=r"sample 'vid1': flow features cannot be used "
+                       r"\(dataset .*toy.*\): 8 NaN/inf value\(s\) in segment\(s\) \[0\]"):
+        fd.load_feature_dataset(tmp_path, "toy")
+
+
+@pytest.mark.parametrize("score, message", [
+    (99.0, r"sample 'vid0': score 99 cannot be used .*outside the dataset's score scale gears 6-30"),
+    (float("nan"), r"sample 'vid0': score nan cannot be used .*not a number"),
+])
+def test_scores_off_the_scale_are_refused_at_load(tmp_path, monkeypatch, score, message):
+    exs = list(_examples())
+    exs[0]["score"] = score
+    _unchecked_write(monkeypatch, tmp_path, exs)
+    with pytest.raises(fd.DatasetError, match=message):
+        fd.load_feature_dataset(tmp_path, "toy")
+
+
+def test_dataset_without_a_scale_loads_with_the_documented_default(tmp_path, caplog):
+    fd.write_feature_dataset(tmp_path, "toy", _examples(), META, feature_dim=8)  # no scale
+    ds = fd.load_feature_dataset(tmp_path, "toy")
+    assert fd.score_scale(ds.metadata) is None
+    with caplog.at_level("WARNING"):
+        assert fd.resolve_score_max(ds, 0.0) == fd.LEGACY_SCORE_MAX == 30.0
+    assert "records no score scale" in caplog.text and "--score_scale" in caplog.text
+    assert fd.resolve_score_max(ds, 12.0) == 12.0  # scores 10-12: targets within range
+    with pytest.raises(fd.DatasetError, match=r"video\(s\) \['vid1', 'vid2'\] have scores "
+                       r"outside \[0, 10.5\].*targets outside"):
+        fd.resolve_score_max(ds, 10.5)

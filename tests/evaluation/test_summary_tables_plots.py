@@ -176,3 +176,61 @@ def test_one_seed_pairs_differences_over_folds():
     assert diff["unit"] == "fold" and diff["n"] == 3
     assert diff["scc_diff"] == pytest.approx(d.mean())
     assert diff["scc_diff_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(d))
+
+
+def test_best_mean_reading_shares_one_epoch_per_seed():
+    s = summary.summarise(fake_folds())
+    # fused fold means per epoch: 0.65, 0.70, 0.75 -> epoch 3 for both folds
+    assert s["fused"]["best-mean"]["per_fold"] == [
+        {"fold": "fold_1", "epoch": 3, "scc": 0.9, "mae": 1.4},
+        {"fold": "fold_2", "epoch": 3, "scc": 0.6, "mae": 1.8}]
+    # rgb: epoch 2 has a NaN fold SCC, so its mean is NaN and never selected -> epoch 3
+    assert [p["epoch"] for p in s["rgb"]["best-mean"]["per_fold"]] == [3, 3]
+    # two seeds: each seed picks its own shared epoch
+    seed0, seed1 = fake_folds(), fake_folds()
+    for f in seed1:  # seed 1's fused peaks at epoch 1 in both folds
+        f["models"]["fused"]["history"][0]["scc"] = 0.95
+    folds = [dict(f, seed=0) for f in seed0] + [dict(f, seed=1) for f in seed1]
+    s2 = summary.summarise(folds)["fused"]["best-mean"]
+    assert [(p["seed"], p["epoch"]) for p in s2["per_fold"]] == [(0, 3), (0, 3), (1, 1), (1, 1)]
+    assert s2["scc_mean"] == pytest.approx(np.mean([0.75, 0.95]))
+    diff = summary.paired_differences(folds)["fused - rgb"]["best-mean"]
+    assert diff["unit"] == "seed" and diff["scc_diff"] == pytest.approx(np.mean([0.75, 0.95]) - 0.65)
+    # source='predictions' reads it from the histories, and drops it without them
+    assert "best-mean" in summary.summarise(fake_folds(), source="predictions")["fused"]
+    bare = _seeded_folds({0: {"fused": [0.5, 0.6, 0.7]}})
+    assert set(summary.summarise(bare, source="predictions")["fused"]) == {"final"}
+
+
+def _ridge(per_fold):
+    sccs, maes = [p[0] for p in per_fold], [p[1] for p in per_fold]
+    return {"scc_mean": np.mean(sccs), "scc_std": np.std(sccs), "scc_ci95": 0.5,
+            "mae_mean": np.mean(maes), "mae_std": np.std(maes), "mae_ci95": 0.25, "n_folds": 2,
+            "per_fold": [{"fold": f"fold_{k + 1}", "alpha": 10.0, "scc": s, "mae": m}
+                         for k, (s, m) in enumerate(per_fold)]}
+
+
+def test_ridge_baselines_in_differences_and_tables(tmp_path):
+    ridge = {"ridge (all)": _ridge([(0.5, 2.0), (0.8, 1.0)])}
+    folds = fake_folds()
+    diff = summary.paired_differences(folds, baselines=ridge)["fused - ridge (all)"]
+    # per fold: fused final (0.9, 1.4), (0.6, 1.8) minus ridge (0.5, 2.0), (0.8, 1.0)
+    assert diff["final"]["unit"] == "fold" and diff["final"]["n"] == 2
+    assert diff["final"]["scc_diff"] == pytest.approx(np.mean([0.4, -0.2]))
+    assert diff["final"]["mae_diff"] == pytest.approx(np.mean([-0.6, 0.8]))
+    assert set(diff) == {"paper", "best-mean", "final", "val-selected"}
+    seeded = [dict(f, seed=s) for s in (0, 1) for f in fake_folds()]
+    by_seed = summary.paired_differences(seeded, baselines=ridge)["fused - ridge (all)"]["final"]
+    assert by_seed["unit"] == "seed" and by_seed["scc_diff"] == pytest.approx(0.75 - 0.65)
+    paths = summary.write_results(str(tmp_path), {"folds": folds, "baselines": ridge})
+    assert "fused - ridge (all)" in paths["results"]["comparisons"]
+    md = open(paths["markdown"]).read()
+    # the same ridge number (mean ± SD over folds) under every reading
+    assert "| ridge (all) |" + " 0.6500 ± 0.1500 | 1.5000 ± 0.5000 |" * 4 in md
+    assert "| final | the last epoch of every fold | yes |" in md
+    assert "| paper | per fold, the epoch with the best test-fold SCC" in md
+    assert "| best-mean | one epoch for all folds" in md and "no: selects on the test fold" in md
+    assert "| ridge (all) | fold_2 | 10 | 0.8000 | 1.0000 |" in md  # per fold, with its penalty
+    rows = tables.comparison_rows(summary.summarise(folds), baselines=ridge, protocols=["final"])
+    assert rows[-1] == {"model": "ridge (all)", "SCC (final)": (0.65, pytest.approx(0.15)),
+                        "MAE (final)": (1.5, 0.5)}

@@ -30,6 +30,7 @@ from surgfusion_jax.evaluation import summary
 from surgfusion_jax.training import runs
 from surgfusion_jax.data import feature_dataset as fd
 from surgfusion_jax.evaluation import metrics
+from surgfusion_jax.io import to_jsonable
 
 DIM, SEG = 16, 32  # stand-in feature size; frames per segment (the prep's)
 SURGEONS = "BCD"
@@ -49,7 +50,7 @@ def data_dir(tmp_path_factory):
                                    image_size=32, min_seconds=20, max_seconds=45)
     result = prepare_manifest(manifest, str(root / "features"), "synthskill", image_size=32,
                               extractor=StandInExtractor(32, feature_dim=DIM), progress=False,
-                              source="synthskill")
+                              source="synthskill", score_scale="grs")
     assert result.ok, result.summary()
     return root
 
@@ -88,13 +89,24 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def model_rows(path):
+    """The rows of a table's CSV that are not ridge baselines."""
+    return [r for r in read_csv(path) if not r["model"].startswith("ridge")]
+
+
+BEST, MEAN, FINAL = "best epoch per fold", "best mean epoch", "final epoch, unbiased"
+RIDGE = ["ridge (rgb)", "ridge (flow)", "ridge (mask)", "ridge (all)"]
+
+
 def run_results(workdir, run):
     return summary.load_results(os.path.join(workdir, run.name))
 
 
 def test_table2_paper_and_ours_columns(table2_run, workdir):
-    rows = read_csv(table2_run["csv"])
-    assert [r["dataset"] for r in rows] == ["RAH-skill", "RARP-skill"]
+    every = read_csv(table2_run["csv"])
+    assert [(r["dataset"], r["model"]) for r in every] == [
+        (d, m) for d in ("RAH-skill", "RARP-skill") for m in ["fused"] + RIDGE]
+    rows = model_rows(table2_run["csv"])
     assert (float(rows[0]["paper SCC"]), float(rows[0]["paper SCC_std"])) == (0.8294, 0.025)
     assert (float(rows[1]["paper MAE"]), float(rows[1]["paper MAE_std"])) == (1.2974, 0.4222)
     assert all(r["ours on"] == "SynthSkill (synthskill) 4-Fold" and r["folds"] == "2" for r in rows)
@@ -107,23 +119,49 @@ def test_table2_paper_and_ours_columns(table2_run, workdir):
             p = fold["models"]["fused"]["predictions"][key]
             sccs[key].append((stats.spearmanr(p["pred"], p["true"]).statistic,
                               np.mean(np.abs(np.subtract(p["pred"], p["true"])))))
-    for key, col in (("checkpoint_best", "best epoch"), ("final", "final epoch")):
+    for key, col in (("checkpoint_best", BEST), ("final", FINAL)):
         scc, mae = np.array(sccs[key]).T
         assert float(rows[0][f"ours SCC ({col})"]) == pytest.approx(scc.mean(), abs=1e-12)
         assert float(rows[0][f"ours SCC ({col})_std"]) == pytest.approx(scc.std(), abs=1e-12)
         assert float(rows[0][f"ours MAE ({col})"]) == pytest.approx(mae.mean(), abs=1e-9)
     summary = results["summary"]["fused"]
-    assert float(rows[0]["ours SCC (best epoch)"]) == pytest.approx(summary["paper"]["scc_mean"])
-    assert float(rows[0]["ours MAE (best epoch)"]) == pytest.approx(summary["paper"]["mae_mean"])
-    assert float(rows[0]["ours SCC (final epoch)"]) == pytest.approx(summary["final"]["scc_mean"])
+    assert float(rows[0][f"ours SCC ({BEST})"]) == pytest.approx(summary["paper"]["scc_mean"])
+    assert float(rows[0][f"ours MAE ({BEST})"]) == pytest.approx(summary["paper"]["mae_mean"])
+    assert float(rows[0][f"ours SCC ({FINAL})"]) == pytest.approx(summary["final"]["scc_mean"])
+    # the other reading: one epoch for both folds, the best fold-mean test SCC (by hand)
+    hist = [{h["epoch"]: h for h in f["models"]["fused"]["history"]} for f in results["folds"]]
+    epoch = max(sorted(hist[0]), key=lambda e: np.mean([h[e]["scc"] for h in hist]))
+    assert float(rows[0][f"ours SCC ({MEAN})"]) == pytest.approx(
+        np.mean([h[epoch]["scc"] for h in hist]), abs=1e-12)
+    assert float(rows[0][f"ours MAE ({MEAN})"]) == pytest.approx(
+        np.mean([h[epoch]["mae"] for h in hist]), abs=1e-12)
+    assert not any("val-selected" in c for c in rows[0])  # no inner split: no empty column
+    # ridge rows: the run's baselines, scored by scipy on their own predictions
+    ridge = results["baselines"]
+    assert list(ridge) == RIDGE
+    for row in every[1:5]:
+        folds = ridge[row["model"]]["per_fold"]
+        assert [f["fold"] for f in folds] == [f["name"] for f in results["folds"]]
+        assert [sorted(f["video_ids"]) for f in folds] == [sorted(f["test"]) for f in results["folds"]]
+        scc = [stats.spearmanr(f["pred"], f["true"]).statistic for f in folds]
+        assert all(0.0 <= p <= 30.0 for f in folds for p in f["pred"])  # clipped to the scale
+        for col in (BEST, MEAN, FINAL):  # no epochs: the same number under every reading
+            assert float(row[f"ours SCC ({col})"]) == pytest.approx(np.mean(scc), abs=1e-12)
+            assert float(row[f"ours SCC ({col})_std"]) == pytest.approx(np.std(scc), abs=1e-12)
+        assert row["paper SCC"] == "" and row["folds"] == "2" and row["scheme"] == "4-Fold"
     md = open(table2_run["md"]).read()
-    assert "| RAH-skill | 4-Fold | SynthSkill (synthskill) 4-Fold | 0.8294 ± 0.0250 |" in md
+    assert "| RAH-skill | 4-Fold | fused | SynthSkill (synthskill) 4-Fold | 0.8294 ± 0.0250 |" in md
+    assert "| RAH-skill | 4-Fold | ridge (all) | SynthSkill (synthskill) 4-Fold | — | — |" in md
     assert "ours is trained and evaluated on synthskill" in md.lower()
+    assert f"'ours ... ({FINAL})': the last epoch of every fold (unbiased" in md
+    assert f"'ours ... ({MEAN})': one epoch for all folds" in md and "optimistic" in md
     assert "\\begin{tabular}" in open(table2_run["tex"]).read()
     folds = read_csv(table2_run["folds_csv"])
     assert {(r["dataset"], r["protocol"]) for r in folds} == {
-        (d, p) for d in ("RAH-skill", "RARP-skill") for p in ("paper", "final")}
+        (d, p) for d in ("RAH-skill", "RARP-skill") for p in ("paper", "best-mean", "final", "")}
+    assert {r["epoch"] for r in folds if r["protocol"] in ("final", "best-mean")} <= {"1", "2"}
     assert {r["epoch"] for r in folds if r["protocol"] == "final"} == {"2"}
+    assert {r["model"] for r in folds if r["protocol"] == ""} == set(RIDGE)
     prov = json.load(open(table2_run["provenance"]))
     run = prov["runs"]["synthskill_kfold_rgb+flow+mask_csfb+dfb_dra_h2"]
     assert prov["git_commit"] and prov["from_checkpoints"] is False
@@ -147,7 +185,8 @@ def test_from_checkpoints_reproduces_every_number(table2_run, workdir, data_dir,
     # every head's test predictions of both states equal those of the training run
     run_dir = os.path.join(workdir, spec.Run(spec.SYNTHSKILL, "kfold").name)
     trained = summary.load_results(run_dir)["folds"]
-    _, recomputed = recompute.fold_records(run_dir)
+    _, recomputed, ridge = recompute.fold_records(run_dir)
+    assert to_jsonable(ridge) == summary.load_results(run_dir)["baselines"]
     differ = 0
     for a, b in zip(trained, recomputed, strict=True):
         assert a["name"] == b["name"] and set(a["models"]) == set(b["models"]) == {
@@ -156,6 +195,8 @@ def test_from_checkpoints_reproduces_every_number(table2_run, workdir, data_dir,
             for key in ("checkpoint_best", "final"):
                 want, got = record["predictions"][key], b["models"][head]["predictions"][key]
                 assert got == want, (a["name"], head, key)
+            # the history-based readings read the 'last' checkpoint's copy of the history
+            assert to_jsonable(b["models"][head]["history"]) == record["history"], head
             differ += record["predictions"]["checkpoint_best"]["epoch"] != 2
     assert differ  # some best epoch is not the last one: a best/last mix-up would show
 
@@ -166,7 +207,7 @@ def table1_run(table2_run, workdir, data_dir):
 
 
 def test_table1_synthskill_schemes(table1_run, workdir):
-    rows = read_csv(table1_run["csv"])
+    rows = model_rows(table1_run["csv"])
     assert [(r["task"], r["scheme"], r["folds"]) for r in rows] == [
         ("SU", "LOSO", "3"), ("SU", "LOUO", "3"), ("SU", "4-Fold", "2")]
     assert [float(r["paper SCC"]) for r in rows] == [0.91, 0.84, 0.89]
@@ -204,14 +245,20 @@ def test_table1_across_tasks_combination():
     across = table1.across_rows([r for r in rows if r.labels["scheme"] != "LOUO"], summaries, opts)
     assert [a["scheme"] for a in across] == ["LOSO", "4-Fold"]
     loso = [0.3 + 0.05 * i for i, r in enumerate(rows) if r.labels["scheme"] == "LOSO"]
-    assert across[0]["ours SCC (best epoch)"][0] == pytest.approx(np.tanh(np.mean(np.arctanh(loso))))
+    assert across[0][f"ours SCC ({BEST})"][0] == pytest.approx(np.tanh(np.mean(np.arctanh(loso))))
+    assert across[0][f"ours SCC ({MEAN})"] is None and across[0]["model"] == "fused"
     assert across[0]["paper SCC"] == (0.92, 0.071) and across[0]["folds"] == 15
 
 
 def test_table3_single_branches_and_full_model(table1_run, workdir, data_dir):
     paths = table3.run(options(workdir, data_dir, variants=("single", "csfb+dfb:rgb+flow+mask"),
                                datasets=("su", "rarp")))
-    rows = read_csv(paths["csv"])
+    every = read_csv(paths["csv"])
+    assert [(r["dataset"], r["model"], r["modalities"]) for r in every[:9]] == [
+        ("JIGSAWS SU", "rgb", "RGB"), ("JIGSAWS SU", "flow", "Flow"), ("JIGSAWS SU", "mask", "Mask"),
+        ("JIGSAWS SU", "fused", "RGB+Flow+Mask")] + [("JIGSAWS SU", m, "") for m in RIDGE] + [
+        ("RARP-skill", "rgb", "RGB")]
+    rows = model_rows(paths["csv"])
     assert [(r["dataset"], r["modalities"]) for r in rows] == [
         (d, m) for d in ("JIGSAWS SU", "RARP-skill") for m in ("RGB", "Flow", "Mask", "RGB+Flow+Mask")]
     assert float(rows[1]["paper SCC"]) == 0.7539 and float(rows[7]["paper MAE"]) == 1.2974
@@ -221,21 +268,21 @@ def test_table3_single_branches_and_full_model(table1_run, workdir, data_dir):
     per_fold = [metrics.spearman(f["models"]["flow"]["predictions"]["final"]["pred"],
                                  f["models"]["flow"]["predictions"]["final"]["true"])
                 for f in results["folds"]]
-    assert float(rows[5]["ours SCC (final epoch)"]) == pytest.approx(np.mean(per_fold), abs=1e-12)
-    assert rows[3]["ours SCC (best epoch)"] == read_csv(
-        os.path.join(workdir, "table1.csv"))[1]["ours SCC (best epoch)"]  # SU LOUO, shared
+    assert float(rows[5][f"ours SCC ({FINAL})"]) == pytest.approx(np.mean(per_fold), abs=1e-12)
+    assert rows[3][f"ours SCC ({BEST})"] == model_rows(
+        os.path.join(workdir, "table1.csv"))[1][f"ours SCC ({BEST})"]  # SU LOUO, shared
 
 
 def test_table4_and_table5_share_the_full_model_run(table1_run, workdir, data_dir):
-    t4 = read_csv(table4.run(options(workdir, data_dir, variants=("dra",)))["csv"])
-    t5 = read_csv(table5.run(options(workdir, data_dir, variants=("2",)))["csv"])
+    t4 = model_rows(table4.run(options(workdir, data_dir, variants=("dra",)))["csv"])
+    t5 = model_rows(table5.run(options(workdir, data_dir, variants=("2",)))["csv"])
     assert [r["dataset"] for r in t4] == ["JIGSAWS SU", "RAH-skill", "RARP-skill"]
     assert [float(r["paper SCC"]) for r in t4] == [0.8355, 0.8294, 0.8486]
     assert [r["fusion"] for r in t4] == ["DRA (ours)"] * 3 and [r["heads"] for r in t5] == ["2"] * 3
     strip = lambda r: {k: v for k, v in r.items() if k not in ("fusion", "heads")}  # noqa: E731
     assert [strip(r) for r in t4] == [strip(r) for r in t5]
-    t2 = read_csv(os.path.join(workdir, "table2.csv"))
-    assert t4[1]["ours SCC (final epoch)"] == t2[0]["ours SCC (final epoch)"]
+    t2 = model_rows(os.path.join(workdir, "table2.csv"))
+    assert t4[1][f"ours SCC ({FINAL})"] == t2[0][f"ours SCC ({FINAL})"]
 
 
 def test_fig4_weights_and_thumbnails(table2_run, workdir, data_dir):

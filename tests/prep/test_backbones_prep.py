@@ -25,7 +25,7 @@ def prepped(tmp_path_factory):
                                               trials_per_surgeon=2, image_size=64,
                                               min_seconds=3.3, max_seconds=3.5)
     res = prepare_manifest(manifest, str(root / "data"), "bb", backbones=SPEC, batch_size=1,
-                           score_min=6, score_max=30, progress=False)
+                           score_scale="gears", progress=False)
     return root, manifest, res
 
 
@@ -72,10 +72,10 @@ def test_missing_backbone_and_mixed_widths_are_refused(prepped, tmp_path):
     _, manifest, _ = prepped
     with pytest.raises(PrepError, match="no backbone for mask"):
         prepare_manifest(manifest, str(tmp_path), "x", backbones=SPEC.rsplit(",", 1)[0],
-                         progress=False)
+                         progress=False, score_scale="gears")
     with pytest.raises(PrepError, match="different widths"):
         prepare_manifest(manifest, str(tmp_path), "x", modalities="rgb,flow", progress=False,
-                         backbones=f"rgb:i3d_rgb,flow:i3d_flow={FIXTURES}/i3d_flow_pytorch.pt")
+                         backbones=f"rgb:i3d_rgb,flow:i3d_flow={FIXTURES}/i3d_flow_pytorch.pt", score_scale="gears")
 
 
 def test_backbone_note_and_mixing_check():

@@ -64,7 +64,7 @@ def test_pamfn_layout_round_trips(tmp_path):
     feats = _features(0)
     folder = _pamfn_folder(tmp_path / "pamfn", feats)
     imp.import_features(folder, _labels(tmp_path / "labels.csv"), "pamfn", str(tmp_path / "data"),
-                        "imported", backbones="rgb:swin3d_b,flow:i3d_flow,mask:swin3d_b")
+                        "imported", backbones="rgb:swin3d_b,flow:i3d_flow,mask:swin3d_b", score_scale="gears")
     ds = _check_round_trip(tmp_path / "data", "imported", feats)
     meta = ds.metadata
     assert meta["source"] == "imported" and meta["layout"] == "pamfn" and meta["feature_dim"] == D
@@ -88,7 +88,7 @@ def test_other_layouts(tmp_path, layout):
             keyed = {tuple(v.rsplit("_", 1)): a for v, a in table.items()}
             (folder / f"{m}.pkl").write_bytes(pickle.dumps(keyed, protocol=4))
     imp.import_features(str(folder), _labels(tmp_path / "labels.csv"), layout,
-                        str(tmp_path / "data"), "x")
+                        str(tmp_path / "data"), "x", score_scale="gears")
     ds = _check_round_trip(tmp_path / "data", "x", feats)
     assert "unknown" in backbone_note(ds.metadata)
 
@@ -101,7 +101,7 @@ def test_problems_are_listed_with_their_files(tmp_path):
     os.remove(os.path.join(folder, "Suturing_B001_mask.npy"))
     with pytest.raises(PrepError) as err:
         imp.import_features(folder, _labels(tmp_path / "labels.csv"), "pamfn",
-                            str(tmp_path / "data"), "bad")
+                            str(tmp_path / "data"), "bad", score_scale="gears")
     msg = str(err.value)
     assert "3 problem(s); nothing written" in msg
     assert "JIGSAWS_rgb_VST.npy['Suturing_C002']: 1 NaN/inf value(s) in segment(s) [1]" in msg
@@ -114,9 +114,9 @@ def test_problems_are_listed_with_their_files(tmp_path):
     folder = _pamfn_folder(tmp_path / "pamfn2", feats)
     with pytest.raises(PrepError, match=r"different segment counts.*--align=trim"):
         imp.import_features(folder, _labels(tmp_path / "labels.csv"), "pamfn",
-                            str(tmp_path / "data"), "t")
+                            str(tmp_path / "data"), "t", score_scale="gears")
     imp.import_features(folder, _labels(tmp_path / "labels.csv"), "pamfn",
-                        str(tmp_path / "data"), "t", align="trim")
+                        str(tmp_path / "data"), "t", align="trim", score_scale="gears")
     assert load_feature_dataset(str(tmp_path / "data"), "t").samples[0]["num_segments"] == 3
 
 
@@ -131,7 +131,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     (folder / "rgb.pkl").write_bytes(pickle.dumps({"Suturing_B001": _Evil()}))
     with pytest.raises(UnsafePickleError, match=r"rgb\.pkl.*posix\.system"):
         imp.import_features(str(folder), _labels(tmp_path / "labels.csv"), "core",
-                            str(tmp_path / "data"), "x", modalities="rgb")
+                            str(tmp_path / "data"), "x", modalities="rgb", score_scale="gears")
 
 
 def test_cli_reports_one_line(tmp_path):
@@ -140,8 +140,24 @@ def test_cli_reports_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "data_prep.import_features",
                           f"--features_dir={tmp_path / 'empty'}", f"--labels={labels}",
                           "--layout=flat", f"--data_dir={tmp_path / 'data'}", "--name=x",
-                          "--modalities=rgb"], capture_output=True, text=True, cwd=REPO,
+                          "--modalities=rgb", "--score_scale=gears"], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert "error: cannot import" in out.stderr and "Suturing_B001_rgb.npy" in out.stderr
+
+
+def test_the_score_scale_is_required_checked_and_stored(tmp_path):
+    from surgfusion_jax.data.feature_dataset import ScoreScaleError
+    folder = _pamfn_folder(tmp_path / "pamfn", _features(0))
+    labels = _labels(tmp_path / "labels.csv")
+    with pytest.raises(ScoreScaleError, match="score scale is required"):
+        imp.import_features(folder, labels, "pamfn", str(tmp_path / "data"), "x")
+    with pytest.raises(PrepError, match=r"line 4 \(video_id 'Suturing_D003'\), column 'score': "
+                                        r"28 is outside the score scale custom 10-25"):
+        imp.import_features(folder, labels, "pamfn", str(tmp_path / "data"), "x",
+                            score_scale="10,25")
+    imp.import_features(folder, labels, "pamfn", str(tmp_path / "data"), "x",
+                        score_scale="mgears")
+    meta = load_feature_dataset(str(tmp_path / "data"), "x").metadata
+    assert (meta["score_scale"], meta["score_min"], meta["score_max"]) == ("mgears", 6.0, 30.0)

@@ -13,6 +13,7 @@ import pytest
 
 from data_prep.common import PrepError
 from data_prep.prepare import prepare_manifest
+from surgfusion_jax.data.feature_dataset import ScoreScaleError
 from prep_testutil import (StandInExtractor, assert_same_dataset, dataset_contents,
                            write_png_masks, write_video)
 
@@ -48,7 +49,7 @@ def full_run(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     ext = StandInExtractor(image_size=S, batch_size=8)
     res = prepare_manifest(str(inputs / "m.csv"), str(out), "tiny", image_size=S,
-                           score_min=6, score_max=30, extractor=ext, progress=False)
+                           score_scale="gears", extractor=ext, progress=False)
     return res, out, ext
 
 
@@ -98,7 +99,8 @@ def test_end_to_end_manifest_matches_independent_reference(inputs, full_run):
     meta, samples = dataset_contents(out, "tiny")
     for key, want in dict(backbone="standin", fps=10.0, flow_bound=20.0, segment_length=32,
                           image_size=S, prep_version="1", modalities=["rgb", "flow", "mask"],
-                          score_min=6.0, score_max=30.0, source="manifest", failed=[]).items():
+                          score_scale="gears", score_min=6.0, score_max=30.0, source="manifest",
+                          failed=[]).items():
         assert meta[key] == want, key
     cases = {"a": ("videos/a.avi", "masks/a", None, None, 12),      # 120 frames -> 3 segments
              "b": ("videos/b.avi", "masks/b.avi", None, None, 135),  # 135 -> 4 (tail 7 dropped)
@@ -131,19 +133,19 @@ def test_interrupted_run_resumes_without_recomputing(inputs, full_run, tmp_path)
     first.rgb = interrupting_rgb
     data = tmp_path / "data"
     with pytest.raises(KeyboardInterrupt):
-        prepare_manifest(str(inputs / "m.csv"), str(data), "tiny", image_size=S, score_min=6,
-                         score_max=30, extractor=first, progress=False)
+        prepare_manifest(str(inputs / "m.csv"), str(data), "tiny", image_size=S, score_scale="gears",
+                         extractor=first, progress=False)
     assert not (data / "tiny").exists() and not glob.glob(str(data / ".tiny*"))
     cached = glob.glob(str(data / ".cache/tiny/*"))
     assert len(cached) == 1 and os.path.basename(cached[0]).startswith("a--")
     ext = StandInExtractor(image_size=S)
-    res = prepare_manifest(str(inputs / "m.csv"), str(data), "tiny", image_size=S, score_min=6,
-                           score_max=30, extractor=ext, progress=False)
+    res = prepare_manifest(str(inputs / "m.csv"), str(data), "tiny", image_size=S, score_scale="gears",
+                           extractor=ext, progress=False)
     assert res.ok and res.cached == ["a"] and "a" not in res.computed and len(res.computed) == 4
     assert ext.clips["rgb"] == 4 + 1 + 1 + 2          # b, r_p1, r_p2, r_p3: "a" not redone
     assert_same_dataset(dataset_contents(data, "tiny"), dataset_contents(full_run[1], "tiny"))
     again = prepare_manifest(str(inputs / "m.csv"), str(data), "tiny", image_size=S,
-                             score_min=6, score_max=30, extractor=StandInExtractor(image_size=S),
+                             score_scale="gears", extractor=StandInExtractor(image_size=S),
                              progress=False)
     assert len(again.cached) == 5 and again.computed == []
 
@@ -154,7 +156,8 @@ def test_cache_key_follows_inputs_and_settings_but_not_labels(inputs, tmp_path):
     csv.write_text("video_id,video_path,score,surgeon_id\nv,v.avi,10,A\n")
     run = lambda **kw: prepare_manifest(str(csv), str(tmp_path / "d"), "one", image_size=S,
                                         modalities="rgb,flow", progress=False,
-                                        extractor=StandInExtractor(image_size=S), **kw)
+                                        extractor=StandInExtractor(image_size=S),
+                                        score_scale="gears", **kw)
     assert run().computed == ["v"]
     assert run().cached == ["v"]
     csv.write_text("video_id,video_path,score,surgeon_id\nv,v.avi,12,A\n")   # label only
@@ -190,7 +193,7 @@ def test_bad_inputs_are_reported_and_the_rest_is_processed(tmp_path):
         "mism,mism.avi,20,A,mism_m,,\nnomask,good.avi,20,A,no_such_masks,,\n"
         "trunc,trunc.avi,20,A,trunc_m,,\nrange,range.avi,20,A,range_m,5,30\n")
     res = prepare_manifest(str(d / "bad.csv"), str(d / "out"), "bad", image_size=S,
-                           extractor=StandInExtractor(image_size=S), progress=False)
+                           extractor=StandInExtractor(image_size=S), progress=False, score_scale="gears")
     reasons = {f.video_id: (os.path.basename(f.file), f.reason) for f in res.failures}
     assert set(reasons) == {"corrupt", "missing", "mism", "nomask", "range", "short", "trunc"}
     expect = {"corrupt": "cannot be opened", "missing": "does not exist",
@@ -211,19 +214,19 @@ def test_left_out_modality_and_setting_errors(inputs, tmp_path):
     csv = tmp_path / "nomask.csv"
     csv.write_text(f"video_id,video_path,score,surgeon_id\na,{inputs}/videos/a.avi,20,S\n")
     with pytest.raises(PrepError, match="mask_path.*--modalities=rgb,flow"):
-        prepare_manifest(str(csv), str(tmp_path / "o"), "x", extractor=StandInExtractor(S))
+        prepare_manifest(str(csv), str(tmp_path / "o"), "x", extractor=StandInExtractor(S), score_scale="gears")
     res = prepare_manifest(str(csv), str(tmp_path / "o"), "x", modalities="rgb,flow",
-                           image_size=S, extractor=StandInExtractor(image_size=S), progress=False)
+                           image_size=S, extractor=StandInExtractor(image_size=S), progress=False, score_scale="gears")
     meta, samples = dataset_contents(tmp_path / "o", "x")
     assert res.ok and meta["modalities"] == ["rgb", "flow"] and "mask" not in samples["a"]
-    assert meta["score_min"] == meta["score_max"] == 20.0        # from the data
+    assert (meta["score_scale"], meta["score_min"], meta["score_max"]) == ("gears", 6.0, 30.0)
     with pytest.raises(PrepError, match="unknown or empty modality"):
-        prepare_manifest(str(csv), str(tmp_path / "o"), "x", modalities="rgb,depth")
-    with pytest.raises(PrepError, match="score_min=30.* below --score_max=6"):
-        prepare_manifest(str(csv), str(tmp_path / "o"), "x", score_min=30, score_max=6)
+        prepare_manifest(str(csv), str(tmp_path / "o"), "x", modalities="rgb,depth", score_scale="gears")
+    with pytest.raises(ScoreScaleError, match="'30,6'.*0 <= MIN < MAX"):
+        prepare_manifest(str(csv), str(tmp_path / "o"), "x", score_scale="30,6")
     with pytest.raises(PrepError, match="extractor was built for image_size=64"):
         prepare_manifest(str(csv), str(tmp_path / "o"), "x", modalities="rgb", image_size=S,
-                         extractor=StandInExtractor(image_size=64))
+                         extractor=StandInExtractor(image_size=64), score_scale="gears")
 
 
 def test_no_data_prep_module_imports_torch():

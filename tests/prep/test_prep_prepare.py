@@ -32,7 +32,8 @@ def test_cli_user_errors_are_one_clear_message(tmp_path):
     csv = tmp_path / "cols.csv"
     csv.write_text("video_id,video_path,surgeon_id\na,a.avi,S\n")
     for args, pattern in [
-        ([f"--manifest={csv}", f"--data_dir={tmp_path}", "--name=x"], "cols.csv line 1: missing column"),
+        ([f"--manifest={csv}", f"--data_dir={tmp_path}", "--name=x", "--score_scale=gears"],
+         "cols.csv line 1: missing column"),
         ([f"--data_dir={tmp_path}"], "exactly one of --manifest"),
         ([f"--jigsaws_root={tmp_path}", f"--data_dir={tmp_path}"], "--task is required"),
     ]:
@@ -51,7 +52,7 @@ def test_cli_end_to_end_with_real_i3d(inputs, tmp_path):
                    f"b,{inputs}/videos/b.avi,26,S2,{inputs}/masks/b.avi\n"
                    f"short,short.avi,12,S3,short_m\n")
     p = _cli(f"--manifest={csv}", f"--data_dir={tmp_path / 'out'}", "--name=real",
-             "--image_size=32", "--batch_size=4", "--score_min=6", "--score_max=30",
+             "--image_size=32", "--batch_size=4", "--score_scale=gears",
              "--noprogress")
     assert p.returncode == 1, p.stderr[-3000:]          # one failure -> non-zero exit
     assert "FAILED (1)" in p.stdout and "short" in p.stdout and "frames/s" in p.stdout

@@ -116,7 +116,7 @@ def test_full_run_writes_results_tables_and_checkpoints(full_run):
             assert os.listdir(os.path.join(workdir, "tensorboard", f["name"], phase))
     summary = results["summary"]
     for model in ("rgb", "flow", "mask", "fused"):
-        assert set(summary[model]) == {"paper", "final", "val-selected"}
+        assert set(summary[model]) == {"paper", "best-mean", "final", "val-selected"}
         paper, final = summary[model]["paper"], summary[model]["final"]
         assert paper["scc_mean"] >= final["scc_mean"] - 1e-12  # best epoch >= last epoch
         per_fold = [max(h["scc"] for h in f["models"][model]["history"]) for f in folds]

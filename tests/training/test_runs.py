@@ -51,7 +51,8 @@ def test_load_run_restores_and_scores_what_training_reported(trained):
             for head in heads:
                 reported = fold["models"][head]["predictions"]["final"]
                 assert reported["video_ids"] == [loaded.samples[i]["video_id"] for i in test.indices]
-                got = metrics.to_score_units(pred[head][test.indices], loaded.config.data.score_max)
+                got = metrics.to_score_units(pred[head][test.indices], loaded.config.data.score_max,
+                                              loaded.config.data.target_max)
                 np.testing.assert_array_equal(got, reported["pred"])  # bit for bit
 
 

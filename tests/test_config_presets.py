@@ -1,0 +1,269 @@
+"""Presets (config_lib.PRESETS): each switch builds the behaviour its preset documents.
+
+One test per switch, each against an independent reference (numpy, PyTorch's documented
+initialisation bounds, a module built the other way). docs/parity.md measures them.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from surgfusion_jax import config_lib
+from surgfusion_jax.data import input_pipeline as ip
+from surgfusion_jax.evaluation import metrics
+from surgfusion_jax.models import dfb, init_schemes
+from surgfusion_jax.models.csfb import CrossStageFusionBlock
+from surgfusion_jax.models.dra import DRA
+from surgfusion_jax.models.surgfusion import SurgFusionNet
+from surgfusion_jax.training import train
+
+SWITCHES = sorted(config_lib.PRESETS["pamfn"])
+
+
+def _get(config, path):
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
+def test_every_switch_is_a_placeholder_that_every_preset_sets():
+    config = config_lib.get_config()
+    for name, values in config_lib.PRESETS.items():
+        assert sorted(values) == SWITCHES, name
+    for path in SWITCHES:
+        assert _get(config, path) is None, path  # unresolved: the preset decides
+
+
+@pytest.mark.parametrize("preset", sorted(config_lib.PRESETS))
+def test_resolve_fills_switches_and_keeps_explicit_values(preset):
+    config = config_lib.get_config()
+    config.preset = preset
+    config.model.init = "torch" if preset == "recommended" else "flax"
+    resolved = config_lib.resolve(config)
+    for path, value in config_lib.PRESETS[preset].items():
+        expected = config.model.init if path == "model.init" else value
+        assert _get(resolved, path) == expected, path
+    assert config_lib.resolve(resolved).to_dict() == resolved.to_dict()  # idempotent
+    assert _get(config, "data.target_max") is None  # the input is not changed
+
+
+def test_unknown_preset_is_a_one_line_user_error():
+    config = config_lib.get_config()
+    config.preset = "pytorch"
+    with pytest.raises(config_lib.PresetError, match="recommended"):
+        config_lib.resolve(config)
+
+
+def test_paper_configs_use_the_paper_preset_and_new_data_recommended():
+    assert config_lib.paper_config("x", "rarp", batch_size=16).preset == "paper"
+    assert config_lib.get_config().preset == "recommended"
+    assert config_lib.load_config_file("configs/demo.py").preset == "recommended"
+
+
+# --- data.target_max ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target_max", [0.5, 1.0])
+def test_target_range(target_max):
+    scores = np.array([6.0, 18.0, 30.0])
+    targets = metrics.to_target(scores, 30.0, target_max)
+    np.testing.assert_allclose(targets, scores / 30.0 * target_max)
+    np.testing.assert_allclose(metrics.to_score_units(targets, 30.0, target_max), scores)
+    samples = [dict(num_segments=2, score=s, rgb=np.zeros((2, 3), np.float32)) for s in scores]
+    data = ip.make_device_data(samples, ("rgb",), 30.0, target_max=target_max)
+    np.testing.assert_allclose(np.asarray(data.targets), scores / 30.0 * target_max, rtol=1e-6)
+    with pytest.raises(ValueError, match="target_max"):
+        metrics.to_target(scores, 30.0, 1.5)
+
+
+# --- loss_alpha (PAMFN: MSE) ----------------------------------------------------------
+
+def test_loss_alpha_one_is_mse():
+    pred, target = jnp.array([0.2, 0.9, 0.4]), jnp.array([0.3, 0.5, 0.4])
+    loss = train.phase_loss({"fused": pred}, target, jnp.ones(3), alpha=1.0)
+    np.testing.assert_allclose(float(loss), np.mean((np.asarray(pred) - np.asarray(target)) ** 2),
+                               rtol=1e-6)
+
+
+# --- model.init ('torch': PyTorch's nn.Linear / nn.Conv1d reset_parameters) -----------
+
+def _tiny_model(**kw):
+    return SurgFusionNet(features=8, embed_features=16, num_candidates=2, num_heads=2, **kw)
+
+
+def test_torch_init_draws_within_pytorch_bounds():
+    model = _tiny_model()
+    variables = train.init_variables(model, jax.random.PRNGKey(0), 12, scheme="torch")
+    flax_vars = train.init_variables(model, jax.random.PRNGKey(0), 12, scheme="flax")
+    params = variables["params"]
+    # PyTorch: nn.Linear(in, out) and nn.Conv1d(in, out, k) draw U(+-1/sqrt(in * k)).
+    expected = {
+        "branch_rgb/embed1/conv/kernel": 1 / math.sqrt(12),  # Conv1d(12, 16, 1)
+        "branch_rgb/stage1/conv1/conv/kernel": 1 / math.sqrt(8 * 3),  # Conv1d(8, 8, 3)
+        "branch_rgb/head/kernel": 1 / math.sqrt(8),  # Linear(8, 1)
+        # Conv1d(3 * 8, 3 * 8, 1, groups=3): 8 inputs per group
+        "fusion/stage1/dfb/fusion_nets/weights_hidden/conv/kernel": 1 / math.sqrt(8),
+        "fusion/stage1/dfb/attention/query/kernel": 1 / math.sqrt(8),  # Linear(8, 8)
+        "fusion/stage1/dfb/policy/logits/kernel": 1 / math.sqrt(3 * 8),  # Conv1d(24, K, 1)
+    }
+    bounds = init_schemes.uniform_bound(params)
+    for key, bound in expected.items():
+        assert bounds[key] == pytest.approx(bound), key
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    checked = 0
+    for path, value in flat:
+        key = "/".join(p.key for p in path)
+        if key in bounds:
+            v = np.asarray(value)
+            assert np.abs(v).max() <= bounds[key] + 1e-7, key
+            if v.size >= 256:  # uniform: std = bound / sqrt(3)
+                assert np.std(v) == pytest.approx(bounds[key] / math.sqrt(3), rel=0.2), key
+            checked += 1
+    assert checked >= 20
+    # Normalisation parameters, the temperature and DRA's alpha MLP keep their values.
+    for path, value in jax.tree_util.tree_flatten_with_path(flax_vars["params"])[0]:
+        key = "/".join(p.key for p in path)
+        if key.endswith(("scale", "log_tau")) or "alpha_mlp" in key:
+            got = params
+            for p in path:
+                got = got[p.key]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(value), err_msg=key)
+
+
+def test_attention_input_kernels_use_the_input_width_as_fan_in():
+    params = {"attention": {"query": {"kernel": jnp.zeros((8, 2, 4)), "bias": jnp.zeros((2, 4))},
+                            "out": {"kernel": jnp.zeros((2, 4, 8)), "bias": jnp.zeros((8,))}}}
+    bounds = init_schemes.uniform_bound(params)
+    assert bounds["attention/query/kernel"] == pytest.approx(1 / math.sqrt(8))  # Linear(8, 8)
+    assert bounds["attention/out/kernel"] == pytest.approx(1 / math.sqrt(8))
+    out = init_schemes.reinit(params, jax.random.PRNGKey(0), "torch")
+    assert np.abs(np.asarray(out["attention"]["query"]["bias"])).max() > 0  # bias redrawn
+    with pytest.raises(ValueError, match="model.init"):
+        init_schemes.reinit(params, jax.random.PRNGKey(0), "kaiming")
+
+
+# --- unimodal.clip_per_branch ---------------------------------------------------------
+
+def test_clip_per_branch_clips_each_branch_by_its_own_norm():
+    params = {"branch_rgb": {"w": jnp.zeros(3)}, "branch_flow": {"w": jnp.zeros(2)},
+              "fusion": {"w": jnp.zeros(2)}}
+    grads = {"branch_rgb": {"w": jnp.array([30.0, 40.0, 0.0])},  # norm 50
+             "branch_flow": {"w": jnp.array([0.6, 0.8])},  # norm 1: under the clip
+             "fusion": {"w": jnp.array([1.0, 1.0])}}
+    cfg = dict(weight_decay=0.0, momentum=0.0, grad_clip=2.0)
+    lr = 0.1
+
+    def update(per_branch):
+        tx = train.make_optimizer("unimodal", dict(cfg, clip_per_branch=per_branch))
+        state = tx.init(params)
+        state.hyperparams["learning_rate"] = jnp.asarray(lr)
+        return tx.update(grads, state, params)[0]
+
+    separate, joint = update(True), update(False)
+    # Reference: SGD on each branch's gradient clipped to norm 2 on its own.
+    np.testing.assert_allclose(separate["branch_rgb"]["w"], -lr * np.array([1.2, 1.6, 0.0]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(separate["branch_flow"]["w"], -lr * np.array([0.6, 0.8]), rtol=1e-6)
+    np.testing.assert_array_equal(separate["fusion"]["w"], np.zeros(2))
+    total = math.sqrt(50 ** 2 + 1 + 2)  # one global norm over everything (fusion included)
+    np.testing.assert_allclose(joint["branch_flow"]["w"], -lr * np.array([0.6, 0.8]) * 2 / total,
+                               rtol=1e-5)
+
+
+# --- model.broadcast_dropout ----------------------------------------------------------
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_attention_dropout_mask_shared_over_the_batch_or_not(broadcast):
+    block = CrossStageFusionBlock(features=8, num_heads=2, fusion="vanilla_ca",
+                                  attention_dropout=0.5, broadcast_dropout=broadcast)
+    c = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8)), (6, 3, 8))
+    outs = [jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(i), (1, 3, 8)), (6, 3, 8))
+            for i in (1, 2, 3)]
+    variables = block.init(jax.random.PRNGKey(4), c, outs, train=False)
+    s = block.apply(variables, c, outs, train=True, rngs={"dropout": jax.random.PRNGKey(5)})
+    same_rows = all(np.allclose(s[0], s[b]) for b in range(1, 6))
+    assert same_rows == broadcast  # identical rows see one mask only when it is broadcast
+
+
+# --- model.gumbel_at_test -------------------------------------------------------------
+
+def test_policy_samples_at_test_only_when_asked():
+    x = [jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))]
+    valid = jnp.ones((2, 16), bool)
+    choices = {}
+    for noise in (False, True):
+        net = dfb.PolicyNet(num_candidates=4, noise_at_test=noise)
+        v = net.init(jax.random.PRNGKey(1), x, valid, tau=1.0, train=False)
+        runs = [net.apply(v, x, valid, tau=1.0, train=False, rngs={"gumbel": jax.random.PRNGKey(k)})
+                [0] for k in range(3)]
+        choices[noise] = runs
+    for run in choices[False]:  # eval without noise: argmax of the logits, every time
+        np.testing.assert_array_equal(run, choices[False][0])
+    assert any(not np.array_equal(choices[True][0], r) for r in choices[True][1:])
+    net = dfb.PolicyNet(num_candidates=4, noise_at_test=True)  # no stream: fixed key, repeatable
+    v = net.init(jax.random.PRNGKey(1), x, valid, tau=1.0, train=False)
+    np.testing.assert_array_equal(net.apply(v, x, valid, tau=1.0, train=False)[0],
+                                  net.apply(v, x, valid, tau=1.0, train=False)[0])
+
+
+# --- model.attention_output_projection ------------------------------------------------
+
+def test_no_output_projection_equals_an_identity_projection():
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8))
+    kv = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8))
+    plain = DRA(num_heads=2, qkv_features=8, out_features=8, output_projection=False,
+                mixing="negative", diversify=False)
+    projected = DRA(num_heads=2, qkv_features=8, out_features=8, mixing="negative",
+                    diversify=False)
+    v_plain = plain.init(jax.random.PRNGKey(2), q, kv)
+    assert "out" not in v_plain["params"]
+    v_proj = projected.init(jax.random.PRNGKey(2), q, kv)
+    params = dict(v_proj["params"])
+    params.update({k: v_plain["params"][k] for k in ("query", "key", "value")})
+    params["out"] = {"kernel": jnp.eye(8).reshape(2, 4, 8), "bias": jnp.zeros(8)}
+    np.testing.assert_allclose(plain.apply(v_plain, q, kv), projected.apply({"params": params}, q, kv),
+                               atol=1e-6)
+
+
+# --- model.frozen_branch_train --------------------------------------------------------
+
+@pytest.mark.parametrize("frozen_train", [False, True])
+def test_frozen_branches_update_their_statistics_only_in_train_mode(frozen_train):
+    model = _tiny_model(frozen_branch_train=frozen_train)
+    variables = train.init_variables(model, jax.random.PRNGKey(0), 6)
+    inputs = {m: jax.random.normal(jax.random.PRNGKey(i), (4, 8, 6)) + 3.0
+              for i, m in enumerate(model.modalities)}
+    _, updates = model.apply(variables, inputs, jnp.ones((4, 8), bool), train=True,
+                             phase="fusion", mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.PRNGKey(1), "gumbel": jax.random.PRNGKey(2)})
+    before = variables["batch_stats"]["branch_rgb"]
+    after = updates["batch_stats"]["branch_rgb"]
+    changed = not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))
+    assert changed == frozen_train
+
+
+# --- data.mask_padding ----------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths,differs", [((3, 9, 12), True), ((8, 9, 12), False)])
+def test_literal_zero_padding_only_changes_padded_windows(lengths, differs):
+    model = _tiny_model(modalities=("rgb",))
+    rng = np.random.default_rng(0)
+    samples = [dict(num_segments=t, score=10.0 + i, rgb=rng.normal(size=(t, 6)).astype(np.float32))
+               for i, t in enumerate(lengths)]
+    data = ip.make_device_data(samples, ("rgb",), 30.0, window=8)
+    variables = train.init_variables(model, jax.random.PRNGKey(0), 6)
+    tx = train.make_optimizer("unimodal", dict(weight_decay=0.0, momentum=0.9, grad_clip=2.0))
+    losses = []
+    for mask in (True, False):
+        state = train.create_train_state(model, variables, tx, "unimodal", learning_rate=0.01,
+                                         mask_padding=mask)
+        _, out = train.train_epoch(state, data, jnp.arange(3, dtype=jnp.int32), jnp.int32(3),
+                                   jax.random.PRNGKey(1), jnp.float32(0.01), window=8,
+                                   batch_size=3, steps=1)
+        losses.append(float(out["loss"]))
+    if differs:  # the zeros of a short video's window enter BatchNorm and pooling
+        assert abs(losses[0] - losses[1]) > 1e-3
+    else:  # no padding: the same step up to float round-off (masked vs plain sums)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
