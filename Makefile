@@ -12,7 +12,7 @@ LOCK_VENV    ?= build/lock-venv
 UV_VERSION   ?= 0.13.9
 PY_VERSION    = $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: install test test-slow test-beam demo bench clean lock
+.PHONY: install test test-slow demo bench clean lock
 
 $(STAMP): pyproject.toml $(wildcard requirements/lock-py*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,21 +38,13 @@ lock:
 
 install: $(STAMP)
 
-## Fast CPU suite (CI runs this).
+## Fast CPU suite (CI runs this), Beam prep included (apache-beam is in the `test` extra).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 ## Longer checks, kept out of CI.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests --ignore=tests/prep/test_beam_prep.py
-
-## Prep on Apache Beam (tests/prep/test_beam_prep.py) in its own venv: apache-beam's pins
-## would replace protobuf and pyarrow in $(VENV).
-BEAM_VENV ?= build/beam-venv
-test-beam:
-	test -x $(BEAM_VENV)/bin/python || $(PYTHON) -m venv $(BEAM_VENV)
-	$(BEAM_VENV)/bin/python -m pip install -q -e '.[beam,test]'
-	$(BEAM_VENV)/bin/python -m pytest -q tests/prep/test_beam_prep.py
+	$(PY) -m pytest -q -m slow tests
 
 ## Generate SynthSkill and prep it (skipped when done), then train and evaluate under 4-fold CV.
 demo: $(STAMP)

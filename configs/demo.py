@@ -15,15 +15,18 @@ compilation included (one seed alone: 1 min 42 s).
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
-  * d = 64 instead of 256, embedding 128 instead of 512, K = 4 FusionNets instead of 10
-    (2 heads, DRA, CSFB + DFB as in the paper);
+  * d = 64 instead of 256, K = 4 FusionNets instead of 10 (embedding 512, 2 heads, DRA,
+    CSFB + DFB as in the paper; an embedding of 128 cost 0.12-0.3 fused SCC, docs/parity.md);
   * 120 + 120 epochs instead of 300 + 300, batch 8 instead of 16 (30 training videos
     per fold), training window 16 segments (covers every SynthSkill video);
   * fusion AdamW at 3e-3 instead of 1e-3 and no x0.1 head learning rate (few steps:
     at 1e-3 the fused model underfits: final-epoch SCC 0.47 against 0.74, seeds 0-1);
   * checkpoints only at the end of each phase; one evaluation batch per fold;
   * 5 seeds (the paper reports one run; one seed swings by +-0.1 SCC here).
-Everything else (optimisers, schedules, loss, protocols) is the paper's.
+Everything else (optimisers, schedules, loss, protocols) is the paper's, and the switches
+where the paper and PAMFN's code differ or the paper is silent take the `recommended`
+preset (config_lib.PRESETS, docs/parity.md): labels in [0, 1] instead of the paper's
+[0, 0.5], among others.
 """
 
 import ml_collections
@@ -51,7 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.synthskill.prep_batch_size = 8
 
     config.model.features = 64
-    config.model.embed_features = 128
+    config.model.embed_features = 512
     config.model.num_candidates = 4
     config.model.num_heads = 2
 

@@ -37,8 +37,7 @@ class ReadmeTableError(errors.UserError):
 
 def demo_table(results: dict) -> str:
     """The results table as `surgfusion_jax.main` prints it at the end of a run."""
-    return tables.markdown_table(tables.comparison_rows(results["summary"],
-                                                        results.get("paper")))
+    return tables.run_table(results)
 
 
 def load_table(run_dir: str) -> str:

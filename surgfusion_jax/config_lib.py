@@ -14,7 +14,9 @@ builds on) and our measurements disagree, the setting is a *switch*: a config fi
 as a placeholder (None) that `resolve` fills from `PRESETS[config.preset]`:
   'pamfn'        PAMFN's training behaviour, switch by switch;
   'paper'        the paper's text where it speaks, PAMFN where it is silent;
-  'recommended'  the best setting measured (docs/parity.md).
+  'recommended'  our default: the choices measured or expected to learn best; the
+                 side-by-side in docs/parity.md is where each is (or is still to be)
+                 measured.
 A switch given a value (in a config file or `--config.model.init=flax`) keeps it. The
 paper-dataset configs and experiments/ use 'paper'; the demo and new data 'recommended'.
 """

@@ -63,9 +63,7 @@ def run(config) -> int:
         return errors.report(e)
     except errors.UserError as e:
         return errors.report(e)
-    baselines = results.get("baselines") or {}
-    print(tables.markdown_table(tables.comparison_rows(results["summary"], results.get("paper"),
-                                                       baselines=baselines)))
+    print(tables.run_table(results))
     print(f"\nresults table : {os.path.join(workdir, 'results.md')} (and results.json)")
     print(f"plots         : {', '.join(plots)}")
     if "fused" in results["summary"]:

@@ -1,8 +1,10 @@
-"""Smoke test: the train-step benchmark runs the library's own step and epoch (tiny shapes)."""
+"""Smoke tests: the benchmarks run the library's own code (tiny shapes)."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,3 +24,43 @@ def test_train_step_benchmark_measures_the_library(tmp_path):
         assert 0 < step["fraction_of_matmul_ceiling"]
         assert epoch["steps"] == 1 and epoch["ms_per_step"] > 0
     assert "pamfn" not in report  # only with --pamfn_dir
+
+
+@pytest.mark.slow  # trains a preset end to end (~1 min of compilation): make test-slow
+def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
+    """benchmarks/peer_parity.py, our side only (no torch): readings per head and reading,
+    timings, baselines, versions and the command, as JSON and Markdown."""
+    out, table = tmp_path / "parity.json", tmp_path / "parity.md"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "peer_parity.py"),
+           "--dataset=complementary", "--skip_pamfn", "--seeds=1", "--num_folds=2",
+           "--num_videos=12", "--feature_dim=8", "--min_segments=4", "--max_segments=8",
+           "--features=8", "--embed_features=16", "--candidates=2", "--unimodal_epochs=2",
+           "--fusion_epochs=2", "--presets=recommended", f"--workdir={tmp_path / 'work'}",
+           f"--out={out}", f"--markdown={table}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["command"].endswith(" ".join(cmd[2:]))
+    assert report["versions"]["jax"] and report["versions"]["flax"]
+    assert report["dataset"]["videos"] == 12 and report["dataset"]["score_max"] == 30.0
+    assert report["folds"] == ["fold_1", "fold_2"] and report["seeds"] == [0]
+    assert set(report["models"]) == {"ours-recommended"} and report["differences"] == {}
+    model = report["models"]["ours-recommended"]
+    assert set(model) == {"rgb", "flow", "mask", "fused"}
+    for head in model.values():
+        assert set(head) == {"final", "paper", "best-mean"}
+        for reading in head.values():
+            assert -1 <= reading["scc_mean"] <= 1 and reading["mae_mean"] > 0
+            assert reading["n_seeds"] == 1 and len(reading["per_seed"][0]["epochs"]) == 2
+    final = model["fused"]["final"]["per_seed"][0]
+    assert final["epochs"] == [2, 2]  # the last epoch of each fold
+    # the folds the library trained on are the benchmark's
+    saved = json.loads((tmp_path / "work" / "ours-recommended" / "splits.json").read_text())
+    assert [f["name"] for f in saved["folds"]] == report["folds"]
+    timing = report["timing"]["ours-recommended"]
+    for phase in ("unimodal", "fusion"):
+        assert timing[phase]["runs_per_program"] == 2 and timing[phase]["ms_per_run_step"] > 0
+    assert {"ridge (rgb)", "ridge (all)"} <= set(report["baselines"])
+    assert len(report["curves"]["ours-recommended"]["fused"]["scc"]) == 2
+    md = table.read_text()
+    assert "| ours-recommended | fused |" in md and "ridge (all)" in md

@@ -5,7 +5,6 @@ random weights) so the file needs no training; all videos share one length so th
 reference compile checks every score.
 """
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -14,12 +13,11 @@ import jax
 import numpy as np
 import pytest
 
+import run_testutil
 from surgfusion_jax import config_lib as default
 from surgfusion_jax.data import feature_dataset as fd
 from surgfusion_jax.evaluation import metrics
-from surgfusion_jax.training import checkpoints, cross_validation as cv
 from surgfusion_jax import predict
-from surgfusion_jax.data import splits
 from surgfusion_jax.training import train
 
 DIM, LENGTH, N = 8, 13, 6
@@ -32,20 +30,6 @@ def _examples(prefix, seed):
                  **{m: rng.normal(size=(LENGTH, DIM)) for m in fd.MODALITIES}) for i in range(N)]
 
 
-def _random_variables(model, seed):
-    """Random weights of the model's shapes (no init compile); BN variances positive."""
-    rng = np.random.default_rng(seed)
-    abstract = train.abstract_variables(model, DIM)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "'var'" in name:
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
-        return (0.3 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
@@ -56,21 +40,8 @@ def run(tmp_path_factory):
     config.data.data_dir, config.data.name = data_dir, "toy"
     config.data.score_max = 30.0  # what training fills in from the dataset
     config.min_bucket, config.eval_batch_size = 16, 4
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cv.run_config_dict(config), f)
     samples = fd.load_feature_dataset(data_dir, "toy").samples
-    folds = splits.make_splits(samples, "kfold", 2, seed=0)
-    splits.save_splits(folds, os.path.join(workdir, "splits.json"))
-    model = train.build_model(config.model, fd.MODALITIES)
-    variables = {}
-    for k, fold in enumerate(folds):
-        variables[fold.name] = _random_variables(model, k)
-        state = train.create_train_state(model, variables[fold.name], train.make_optimizer(
-            "fusion", config.fusion), "fusion", learning_rate=0.0)
-        ck = checkpoints.PhaseCheckpoints(os.path.join(workdir, "checkpoints", fold.name, "fusion"))
-        ck.save_last(3, state, jax.random.PRNGKey(0), {"history": []})
-        ck.close()
+    model, folds, variables = run_testutil.write_fake_run(workdir, config, samples, DIM)
     apply = jax.jit(lambda v, x: model.apply(v, x, None, train=False, phase="fusion")["fused"])
 
     def reference(name, fold_name):  # unpadded, all videos in one batch, score units
@@ -137,7 +108,7 @@ def test_csfb_weights_per_time_step_sum_to_one(run):
     model = train.build_model(default.resolve(default.small(default.get_config())).model,
                               fd.MODALITIES)
     x = {m: np.ones((1, LENGTH, DIM), np.float32) for m in fd.MODALITIES}
-    variables = _random_variables(model, 0)
+    variables = run_testutil.random_variables(model, DIM, 0)
     weights, valids = predict._csfb_weights(model, variables, x, np.ones((1, LENGTH), bool))
     assert [w.shape for w in weights] == [(1, 7, 3), (1, 4, 3), (1, 1, 3)]  # ceil(T/2), ceil(T/4)
     np.testing.assert_allclose(np.sum(weights[1], -1), 1.0, atol=1e-5)

@@ -26,8 +26,9 @@ from prep_testutil import StandInExtractor
 from surgfusion_jax import config_lib as default
 from surgfusion_jax import predict
 from surgfusion_jax.data import feature_dataset as fd, splits
-from surgfusion_jax.training import checkpoints, cross_validation as cv, runs, train
-from test_predict import DIM, _random_variables
+from surgfusion_jax.training import runs
+import run_testutil
+from test_predict import DIM
 
 S = 32  # decoded frame side
 
@@ -47,21 +48,8 @@ def run(tmp_path_factory):
     config = default.resolve(default.small(default.get_config()))  # as a run saves it
     config.data.data_dir, config.data.name, config.data.score_max = data_dir, "synth", 30.0
     config.min_bucket, config.eval_batch_size = 16, 4
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cv.run_config_dict(config), f)
+    model, folds, variables = run_testutil.write_fake_run(workdir, config, dataset.samples, DIM)
     runs.check_or_write_features(workdir, dataset)  # dataset_metadata.json, as training does
-    folds = splits.make_splits(dataset.samples, "kfold", 2, seed=0)
-    splits.save_splits(folds, os.path.join(workdir, "splits.json"))
-    model = train.build_model(config.model, fd.MODALITIES)
-    variables = {}
-    for k, fold in enumerate(folds):
-        variables[fold.name] = _random_variables(model, k)
-        state = train.create_train_state(model, variables[fold.name], train.make_optimizer(
-            "fusion", config.fusion), "fusion", learning_rate=0.0)
-        ck = checkpoints.PhaseCheckpoints(os.path.join(workdir, "checkpoints", fold.name, "fusion"))
-        ck.save_last(3, state, jax.random.PRNGKey(0), {"history": []})
-        ck.close()
     apply = jax.jit(lambda v, x: model.apply(v, x, None, train=False, phase="fusion")["fused"])
 
     def reference(sample):  # {fold: score units}, unpadded

@@ -23,6 +23,8 @@ def _cell(value: Any, floatfmt: str) -> str:
     if isinstance(value, (tuple, list)) and len(value) == 2:
         if value[0] is None:
             return "—"
+        if value[1] is None:  # no spread (one fold, one seed)
+            return format(value[0], floatfmt)
         return f"{format(value[0], floatfmt)} ± {format(value[1], floatfmt)}"
     if isinstance(value, (float, np.floating)):
         return format(float(value), floatfmt)
@@ -151,6 +153,13 @@ def comparison_rows(summary: Mapping[str, Any], paper: Mapping[str, Mapping[str,
             row["paper SCC"] = row["paper MAE"] = None
         rows.append(row)
     return rows
+
+
+def run_table(results: Mapping[str, Any]) -> str:
+    """The Markdown table `python -m surgfusion_jax.main` prints after a run: every model
+    and ridge baseline under every reading (the README's demo table is this, verbatim)."""
+    return markdown_table(comparison_rows(results["summary"], results.get("paper"),
+                                          baselines=results.get("baselines") or {}))
 
 
 def baseline_rows(baselines: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:

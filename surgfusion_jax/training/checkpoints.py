@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -101,6 +102,20 @@ def _manager(directory: str, read_only: bool, keep: int = 1) -> ocp.CheckpointMa
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
+
+
+def _remove_step(folder: str, epoch: int, settle_s: float = 0.2, timeout_s: float = 10.0
+                 ) -> None:
+    """Removes step `epoch`'s (temporary) folders under `folder` until they stay gone: when
+    one orbax writer thread fails, the others may still be writing into the step."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [n for n in os.listdir(folder) if n == str(epoch) or n.startswith(f"{epoch}.")]
+        for name in names:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        if not names or time.monotonic() > deadline:
+            return
+        time.sleep(settle_s)  # then look again: a late writer may have recreated it
 
 
 def _to_host(tree: Any) -> Any:
@@ -228,9 +243,7 @@ class PhaseCheckpoints:
             if not errors.is_disk_full(e):
                 raise
             folder = os.path.join(self.directory, which)
-            for name in os.listdir(folder):
-                if name.startswith(f"{epoch}.") or name == str(epoch):
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            _remove_step(folder, epoch)
             manager.reload()
             raise errors.DiskFullError(folder, e) from None
 

@@ -2,9 +2,8 @@
 the dataset is byte for byte the local runner's (TFRecord shard and metadata files), and
 a truncated video is reported by id and cause while the others are written.
 
-The Beam tests need the optional extra `[beam]` (apache-beam), which would replace
-protobuf and pyarrow in the main venv, so they are marked slow and run in their own venv:
-`make test-beam` (about 20 s once installed). The missing-Beam error runs in `make test`.
+apache-beam is in the `test` extra (and the optional extra `[beam]`), so `make test` runs
+these tests; the locks hold protobuf and pyarrow at the versions apache-beam accepts.
 """
 import os
 
@@ -55,7 +54,6 @@ def _prep(manifest, data_dir, **kw):
                             progress=False, **kw)
 
 
-@pytest.mark.slow
 def test_beam_writes_the_local_runners_bytes_and_isolates_the_bad_video(manifest, tmp_path,
                                                                          monkeypatch):
     # The worker processes unpickle the stand-in extractor from the tests' folder.
@@ -81,7 +79,6 @@ def test_beam_writes_the_local_runners_bytes_and_isolates_the_bad_video(manifest
     assert not [n for n in os.listdir(cache) if n.startswith("beam-")] if cache.exists() else True
 
 
-@pytest.mark.slow
 def test_beam_reuses_the_cache_and_rejects_bad_options(manifest, tmp_path):
     first = _prep(manifest, tmp_path, runner="beam")
     again = _prep(manifest, tmp_path, runner="beam")
