@@ -9,9 +9,10 @@ and the run live under `demo/` in the repository (delete it to start afresh). A 
 `make demo` finds the finished run and only reports it again; delete `demo/run` to
 retrain on the cached features and compiled code.
 
-Measured on 2 CPU cores (idle, 2026-11-30): render 7 s and prep 54 s
-(`data_prep.synthskill_setup`), then 5 seeds x 4 folds trained together in 4 min 03 s,
-compilation included (one seed alone: 1 min 42 s).
+Measured on 2 CPU cores: render 7 s and prep 54 s (`data_prep.synthskill_setup`, idle);
+training 5 seeds x 4 folds together took 4 min 03 s idle with an embedding of 128, and
+11 min 19 s wall (7 min 37 s user CPU) with this file's embedding of 512 on a machine
+loaded by other jobs (2026-11-30; an idle figure is still to be measured).
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
