@@ -10,3 +10,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. The suite compiles thousands
+    of small XLA:CPU programs; kept for the whole session they grew the process past 8 GB
+    and XLA's compiler crashed (SIGSEGV) near the end of the run."""
+    yield
+    jax.clear_caches()
