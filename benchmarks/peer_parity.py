@@ -512,6 +512,21 @@ def _fmt(mean, half) -> str:
                                    digits=3)
 
 
+def _reading_rows(table: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """One Markdown row per (name, head): SCC and MAE (value ± CI, `keys` = scc, its CI,
+    mae, its CI) under every reading."""
+    rows = []
+    for name, by_head in table.items():
+        for h in (h for h in HEADS if h in by_head):
+            cells = []
+            for r in READINGS:
+                e = by_head[h].get(r)
+                cells += ([_fmt(e[keys[0]], e[keys[1]]), _fmt(e[keys[2]], e[keys[3]])]
+                          if e else ["—", "—"])
+            rows.append(f"| {name} | {h} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Learning parity with PAMFN: {report['dataset']['name']}", "",
              f"{report['n_seeds']} seeds x {len(report['folds'])} folds; "
@@ -520,16 +535,7 @@ def markdown(report: Mapping[str, Any]) -> str:
              + "; ".join(f"**{r}** = {READING_NOTES[r]}" for r in READINGS) + ".", ""]
     head = "| model | head | " + " | ".join(f"SCC {r} | MAE {r}" for r in READINGS) + " |"
     lines += [head, "|" + " --- |" * (2 + 2 * len(READINGS))]
-    for model, by_head in report["models"].items():
-        for h in HEADS:
-            if h not in by_head:
-                continue
-            cells = []
-            for r in READINGS:
-                e = by_head[h].get(r)
-                cells += ([_fmt(e["scc_mean"], e["scc_ci95"]), _fmt(e["mae_mean"], e["mae_ci95"])]
-                          if e else ["—", "—"])
-            lines.append(f"| {model} | {h} | " + " | ".join(cells) + " |")
+    lines += _reading_rows(report["models"], ("scc_mean", "scc_ci95", "mae_mean", "mae_ci95"))
     for name, entry in (report.get("baselines") or {}).items():
         if isinstance(entry, dict) and "scc_mean" in entry:
             lines.append(f"| {name} | — | {_fmt(entry['scc_mean'], entry['scc_ci95'])} | "
@@ -539,16 +545,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Paired differences ours − PAMFN (seeds paired; SCC, MAE):", "",
                   "| comparison | head | " + " | ".join(f"ΔSCC {r} | ΔMAE {r}" for r in READINGS)
                   + " |", "|" + " --- |" * (2 + 2 * len(READINGS))]
-        for comp, by_head in report["differences"].items():
-            for h in HEADS:
-                if h not in by_head:
-                    continue
-                cells = []
-                for r in READINGS:
-                    e = by_head[h].get(r)
-                    cells += ([_fmt(e["scc_diff"], e["scc_diff_ci95"]),
-                               _fmt(e["mae_diff"], e["mae_diff_ci95"])] if e else ["—", "—"])
-                lines.append(f"| {comp} | {h} | " + " | ".join(cells) + " |")
+        lines += _reading_rows(report["differences"],
+                               ("scc_diff", "scc_diff_ci95", "mae_diff", "mae_diff_ci95"))
     if report.get("baselines"):
         lines += ["", "Ridge rows: ridge regression on mean-pooled features, one fit per fold "
                   "(no seed), penalty by inner CV on the training fold; ± is the 95% CI over "
