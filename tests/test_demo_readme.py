@@ -95,8 +95,10 @@ def test_script_errors_name_the_fix(tmp_path):
 def test_readme_has_one_demo_table_block():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         block = _block(f.read()).splitlines()
-    assert block[0].startswith("| model |") and len(block) == 6
-    assert [row.split(" | ")[0] for row in block[2:]] == ["| rgb", "| flow", "| mask", "| fused"]
+    assert block[0].startswith("| model |")
+    models = ["rgb", "flow", "mask", "fused"]  # then the ridge probes, all modalities last
+    expected = models + [f"ridge ({m})" for m in models[:3] + ["all"]]
+    assert [row.split(" | ")[0] for row in block[2:]] == [f"| {m}" for m in expected]
 
 
 @pytest.mark.slow
