@@ -62,9 +62,12 @@ with the same workdir resumes our runs (PAMFN's side always retrains).
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import json
 import os
+import runpy
 import shlex
 import statistics
 import subprocess
@@ -83,7 +86,8 @@ from absl import app, flags, logging  # noqa: E402
 from data_prep import complementary  # noqa: E402
 from surgfusion_jax import config_lib, provenance  # noqa: E402
 from surgfusion_jax.data import feature_dataset, splits  # noqa: E402
-from surgfusion_jax.evaluation import metrics, summary  # noqa: E402
+from surgfusion_jax.evaluation import baselines, metrics, summary  # noqa: E402
+from surgfusion_jax.io import to_jsonable  # noqa: E402
 from surgfusion_jax.training import cross_validation, phase, train  # noqa: E402
 
 HEADS = ("rgb", "flow", "mask", "fused")
@@ -329,8 +333,6 @@ class _LibraryTimer:
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     """'LABEL=PRESET:FIELD=VALUE,...' -> (label, preset, {field: value})."""
-    import ast
-
     label, sep, rest = text.partition("=")
     preset, _, assignments = rest.partition(":")
     if not sep or not label or preset not in config_lib.PRESETS:
@@ -348,14 +350,13 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     return label, preset, overrides
 
 
+@functools.lru_cache(maxsize=None)  # read once per process, not once per preset
 def pamfn_learning_rates() -> dict[str, float]:
     """The learning rates of the PAMFN config file (`--pamfn_config`), which ours then use
     too, so that no preset differs from PAMFN in them (they are per dataset, not a switch);
     {} without --pamfn_dir (ours keep the library's)."""
     if not _PAMFN_DIR.value:
         return {}
-    import runpy  # a plain-Python dict file: no torch needed
-
     conf = runpy.run_path(os.path.join(_PAMFN_DIR.value, _PAMFN_CONFIG.value))
     return {"unimodal": float(conf["single_modality"]["lr"]),
             "fusion": float(conf["multi_modality"]["lr"])}
@@ -489,10 +490,6 @@ def mean_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, lis
 
 def ridge_baselines(dataset, folds, score_max: float) -> dict[str, Any]:
     """Ridge on mean-pooled features per modality and on all (`evaluation.baselines`)."""
-    try:
-        from surgfusion_jax.evaluation import baselines
-    except ImportError as e:  # scikit-learn missing from an older venv
-        return {"error": f"evaluation.baselines unavailable ({e}); reinstall the project."}
     samples = dataset.samples
     scale = feature_dataset.score_scale(dataset.metadata)
     low = scale.min if scale is not None else float(dataset.metadata.get("score_min", 0.0))
@@ -644,7 +641,6 @@ def main(argv) -> None:
                 report = run(tmp)
     except (ParityError, feature_dataset.DatasetError, splits.SplitError) as e:
         sys.exit(f"error: {e}")
-    from surgfusion_jax.io import to_jsonable
     text = json.dumps(to_jsonable(report), indent=1)
     table = markdown(report)
     if _OUT.value:

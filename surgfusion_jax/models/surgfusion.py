@@ -14,8 +14,8 @@ Fusion branch (docs/design.md §2, after MAQA's PAMFN). With the branch stage fe
 
 Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
 (branches in train mode when `train`); phase='fusion' freezes the branches
-(stop_gradient on their features, BatchNorm running averages, branch dropout off,
-regression heads unused) and applies dropout `feature_dropout` to the features fed to
+(stop_gradient on their features; BatchNorm running averages and branch dropout off
+unless `frozen_branch_train`; regression heads unused) and applies dropout `feature_dropout` to the features fed to
 the fusion branch; phase='all' returns both (use it for `init`).
 
 Everything is masked by `valid` (see `layers`): padded steps do not change any output.
