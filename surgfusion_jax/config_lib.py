@@ -41,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.fusion": "negative_ca",  # Multi_Head_Attention: -QK^T scores
         "model.num_heads": 1,  # configs: ms_heads = cm_heads = 1
         "model.attention_output_projection": False,  # Q, K, V linears only
+        "model.dra_relative_eps": 0.0,  # no Eq. 15 (negative_ca); kept at the paper's
         "model.broadcast_dropout": False,  # nn.Dropout on the attention weights
         "model.gumbel_at_test": True,  # F.gumbel_softmax in eval mode too
         "model.frozen_branch_train": True,  # model.train() reaches the loaded branches
@@ -55,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.fusion": "dra",  # §III-B.5
         "model.num_heads": 2,  # Table V
         "model.attention_output_projection": True,  # Eq. 18 (W^O)
+        "model.dra_relative_eps": 0.0,  # Eq. 15 as printed: eps = 1e-8 alone
         "model.broadcast_dropout": False,  # silent -> PAMFN
         "model.gumbel_at_test": True,  # silent -> PAMFN
         "model.frozen_branch_train": True,  # "frozen" only; BatchNorm mode silent -> PAMFN
@@ -69,6 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.fusion": "dra",
         "model.num_heads": 2,
         "model.attention_output_projection": True,
+        # Eq. 15 with the paper's eps alone diverged (NaN) in 40 of 40 runs: docs/parity.md
+        "model.dra_relative_eps": 1e-2,
         "model.broadcast_dropout": True,
         "model.gumbel_at_test": False,
         "model.frozen_branch_train": False,
@@ -131,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_dropout = 0.1  # CSFB/DFB attention weights (PAMFN)
     config.model.tau_init = 10.0  # Gumbel temperature, learned (PAMFN)
     config.model.alpha_bias_init = 2.0  # DRA alpha logit at init (ours, docs/design.md §3.2)
+    # switch: rho in Eq. 15's denominator ||P_main||^2 + eps + rho mean_h ||A_mix_h||^2;
+    # 0 = the paper, 1e-2 ours (`dra_decode.projection_coefficients`, docs/parity.md)
+    config.model.dra_relative_eps = _placeholder(float)
     config.model.broadcast_dropout = _placeholder(bool)  # switch: Flax's shared mask
     config.model.attention_output_projection = _placeholder(bool)  # switch: W^O (Eq. 18)
     config.model.gumbel_at_test = _placeholder(bool)  # switch: PAMFN samples at test

@@ -266,3 +266,37 @@ def test_literal_zero_padding_only_changes_padded_windows(lengths, differs):
         assert abs(losses[0] - losses[1]) > 1e-3
     else:  # no padding: the same step up to float round-off (masked vs plain sums)
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# --- model.dra_relative_eps -----------------------------------------------------------
+
+def test_relative_eps_reaches_every_dra_of_the_model():
+    """The switch reaches CSFB and DFB attention alike: the fused output equals the one of
+    the same parameters with DRA's rho set, and differs from the paper's rho = 0.
+    (Eq. 15 with rho itself: tests/models/test_dra_relative_eps.py.)"""
+    paper, ours = _tiny_model(dra_relative_eps=0.0), _tiny_model(dra_relative_eps=0.5)
+    variables = train.init_variables(paper, jax.random.PRNGKey(0), 6)
+    inputs = {m: jax.random.normal(jax.random.PRNGKey(i), (4, 8, 6))
+              for i, m in enumerate(paper.modalities)}
+    valid = jnp.ones((4, 8), bool)
+
+    def run(model):
+        out, state = model.apply(variables, inputs, valid, phase="fusion",
+                                 mutable=["intermediates"])
+        return out["fused"], state["intermediates"]
+
+    (want, inter), (got, inter_ours) = run(paper), run(ours)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-6
+    betas = [(p, b) for p, b in _sown_leaves(inter, "beta")]
+    assert {p.split("/")[1] for p, _ in betas} == {"stage1", "stage2", "stage3"}
+    for (path, beta), (_, beta_ours) in zip(betas, _sown_leaves(inter_ours, "beta")):
+        if np.allclose(beta, 1 / (1 + np.exp(-1.0))):  # c = 0: all-zero scores (stage 1
+            np.testing.assert_array_equal(beta_ours, beta)  # CSFB starts from c = 0)
+        else:
+            assert not np.allclose(beta, beta_ours), path  # every DRA took the switch
+
+
+def _sown_leaves(tree, name):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(str(getattr(k, "key", k)) for k in path), np.asarray(v))
+            for path, v in flat if name in str(path[-2:])]

@@ -37,7 +37,7 @@ class CrossStageFusionBlock(nn.Module):
       num_heads: attention heads (Table V; paper default 2).
       fusion: fusion strategy (Table IV), see `fusion_strategies.STRATEGIES`.
       attention_dropout: dropout on the attention weights (0.1 in MAQA).
-      broadcast_dropout, output_projection, alpha_bias_init: see
+      broadcast_dropout, output_projection, alpha_bias_init, relative_eps: see
         `fusion_strategies.make_fusion`.
       dtype: computation dtype.
 
@@ -52,6 +52,7 @@ class CrossStageFusionBlock(nn.Module):
     broadcast_dropout: bool = True
     output_projection: bool = True
     alpha_bias_init: float = 2.0
+    relative_eps: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -79,7 +80,8 @@ class CrossStageFusionBlock(nn.Module):
                              dropout_rate=self.attention_dropout,
                              broadcast_dropout=self.broadcast_dropout,
                              output_projection=self.output_projection,
-                             alpha_bias_init=self.alpha_bias_init, dtype=self.dtype,
+                             alpha_bias_init=self.alpha_bias_init,
+                             relative_eps=self.relative_eps, dtype=self.dtype,
                              name="attention")
         s = attend(query, tokens, tokens, deterministic=not train, sow_weights=True)  # Eq. 5
         return s[..., 0, :]

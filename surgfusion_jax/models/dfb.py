@@ -154,7 +154,7 @@ class DynamicFusionBlock(nn.Module):
       num_heads: attention heads.
       fusion: fusion strategy (Table IV), see `fusion_strategies.STRATEGIES`.
       attention_dropout: dropout on the attention weights (0.1 in MAQA).
-      broadcast_dropout, output_projection, alpha_bias_init: see
+      broadcast_dropout, output_projection, alpha_bias_init, relative_eps: see
         `fusion_strategies.make_fusion`.
       global_pool: stage pooling is the global mean (stage 3) instead of stride 2.
       gumbel_at_test: Gumbel noise on the policy in eval mode too (PAMFN).
@@ -174,6 +174,7 @@ class DynamicFusionBlock(nn.Module):
     broadcast_dropout: bool = True
     output_projection: bool = True
     alpha_bias_init: float = 2.0
+    relative_eps: float = 0.0
     global_pool: bool = False
     gumbel_at_test: bool = False
     dtype: layers.Dtype = jnp.float32
@@ -215,7 +216,8 @@ class DynamicFusionBlock(nn.Module):
                              dropout_rate=self.attention_dropout,
                              broadcast_dropout=self.broadcast_dropout,
                              output_projection=self.output_projection,
-                             alpha_bias_init=self.alpha_bias_init, dtype=self.dtype,
+                             alpha_bias_init=self.alpha_bias_init,
+                             relative_eps=self.relative_eps, dtype=self.dtype,
                              name="attention")
         f = attend(query, candidates, candidates, bias=bias, deterministic=not train,
                    sow_weights=True)  # Eqs. 7, 8, 10

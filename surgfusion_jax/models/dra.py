@@ -115,7 +115,10 @@ class DRA(nn.Module):
     defaults and meaning), plus
       mixing: 'adaptive' (Eqs. 12-13), 'positive' (alpha = 1) or 'negative' (alpha = 0).
       diversify: apply the divergence constraint of Eqs. 14-17.
-      eps: epsilon of Eq. 15.
+      eps: epsilon of Eq. 15 (1e-8, the paper).
+      relative_eps: rho, a second term rho * mean_h ||A_mix_h||^2 in Eq. 15's denominator
+        that bounds c_h when the heads cancel in P_main (`dra_decode.
+        projection_coefficients`); 0 = the paper's Eq. 15.
       alpha_hidden_features: hidden width of the alpha MLP (default d_h).
       alpha_bias_init: initial logit of alpha (module docstring).
       causal: causal attention with prefix statistics (`dra_decode`); required by
@@ -165,6 +168,7 @@ class DRA(nn.Module):
     mixing: str = "adaptive"
     diversify: bool = True
     eps: float = 1e-8
+    relative_eps: float = 0.0
     alpha_hidden_features: int | None = None
     alpha_bias_init: float = 2.0
     causal: bool = False
@@ -346,7 +350,8 @@ class DRA(nn.Module):
             call_attention_fn=call_attention_fn, default_attention_fn=default_fn,
             block_size=self.query_block_size, dropout=dropout,
             keep_fp32=self.force_fp32_for_softmax, precision=self.precision,
-            qk_einsum=qk_einsum, wv_einsum=wv_einsum, sow_weights=sow_weights, owner="DRA")
+            qk_einsum=qk_einsum, wv_einsum=wv_einsum, sow_weights=sow_weights, owner="DRA",
+            relative_eps=self.relative_eps)
         if decoding is not None and self.diversify:
             decoding[1]["gram"].value = gram
 

@@ -56,7 +56,7 @@ def fixed_alpha(mixing: str, scores: Array) -> Array:
 
 
 def mix_and_diversify(scores: Array, alpha: Array, *, diversify: bool,
-                      eps: float) -> tuple[Array, Array]:
+                      eps: float, relative_eps: float = 0.0) -> tuple[Array, Array]:
     """Eqs. 13-17 on raw scores A+ [batch, heads, q_len, kv_len], alpha [batch, heads].
 
     Returns (A_final, beta) with beta [batch, heads] (ones when not diversifying).
@@ -68,8 +68,9 @@ def mix_and_diversify(scores: Array, alpha: Array, *, diversify: bool,
     main = jnp.mean(mixed, axis=-3, keepdims=True)  # Eq. 14: [b, 1, q, k]
     inner = jnp.sum(mixed * main, axis=(-2, -1))  # <A_mix_h, P_main>: [b, h]
     norm_sq = jnp.sum(main * main, axis=(-2, -1))  # ||P_main||^2: [b, 1]
-    coeff = inner / (norm_sq + eps)
-    beta = jax.nn.sigmoid(1.0 - coeff)  # Eq. 15
+    head_norm_sq = jnp.sum(mixed * mixed, axis=(-2, -1)) if relative_eps else None
+    coeff, beta = dra_decode.projection_coefficients(  # Eq. 15
+        inner, norm_sq, head_norm_sq, eps=eps, relative_eps=relative_eps)
     divergence = mixed - coeff[..., None, None] * main  # Eq. 16
     return mixed + beta[..., None, None] * divergence, beta  # Eq. 17
 
@@ -84,10 +85,11 @@ def masked_softmax(final: Array, mask: Array | None = None, bias: Array | None =
 
 
 def regulated_weights(scores: Array, alpha: Array, *, diversify: bool, eps: float,
-                      mask: Array | None = None, bias: Array | None = None
-                      ) -> tuple[Array, Array]:
+                      mask: Array | None = None, bias: Array | None = None,
+                      relative_eps: float = 0.0) -> tuple[Array, Array]:
     """Eqs. 13-18 up to the softmax: returns (attention weights, beta)."""
-    final, beta = mix_and_diversify(scores, alpha, diversify=diversify, eps=eps)
+    final, beta = mix_and_diversify(scores, alpha, diversify=diversify, eps=eps,
+                                    relative_eps=relative_eps)
     return masked_softmax(final, mask, bias), beta
 
 
@@ -157,7 +159,8 @@ def _has_rows(x: Array | None, q_len: int) -> bool:
 
 def global_coefficients(query: Array, key: Array, alpha: Array, *, eps: float,
                         block_size: int | None = None, precision: Any = None,
-                        einsum: Einsum | None = None) -> tuple[Array, Array]:
+                        einsum: Einsum | None = None, relative_eps: float = 0.0
+                        ) -> tuple[Array, Array]:
     """Eq. 15 over the whole score matrix, accumulated over query blocks (first pass).
 
     alpha: [..., H]. Returns (c, beta), both [..., H]. Zero-padded query rows add nothing.
@@ -172,19 +175,21 @@ def global_coefficients(query: Array, key: Array, alpha: Array, *, eps: float,
         mixed = a * attention_scores(q_blk, key, precision, einsum)
         main = jnp.mean(mixed, axis=-3, keepdims=True)
         return (acc[0] + jnp.sum(mixed * main, axis=(-2, -1)),
-                acc[1] + jnp.sum(main * main, axis=(-2, -1))), None
+                acc[1] + jnp.sum(main * main, axis=(-2, -1)),
+                acc[2] + jnp.sum(mixed * mixed, axis=(-2, -1))), None
 
     zeros = jnp.zeros(alpha.shape, jnp.float32)
-    (inner, norm_sq), _ = jax.lax.scan(
-        body, (zeros, zeros[..., :1]), _split_rows(query, -3, block, blocks))
-    coeff = inner / (norm_sq + eps)
-    return coeff, jax.nn.sigmoid(1.0 - coeff)
+    (inner, norm_sq, head_norm_sq), _ = jax.lax.scan(
+        body, (zeros, zeros[..., :1], zeros), _split_rows(query, -3, block, blocks))
+    return dra_decode.projection_coefficients(inner, norm_sq, head_norm_sq, eps=eps,
+                                              relative_eps=relative_eps)
 
 
 def causal_row_coefficients(query: Array, key: Array, alpha_rows: Array, *, eps: float,
                             block_size: int | None = None, q_start: Array | int = 0,
                             gram: Array | None = None, precision: Any = None,
-                            einsum: Einsum | None = None) -> tuple[Array, Array, Array]:
+                            einsum: Einsum | None = None, relative_eps: float = 0.0
+                            ) -> tuple[Array, Array, Array]:
     """c and beta of every query row under the causal rule (`dra_decode`).
 
     alpha_rows: [..., L, H]. Returns (c [..., L, H], beta [..., L, H], G after the last row).
@@ -201,7 +206,8 @@ def causal_row_coefficients(query: Array, key: Array, alpha_rows: Array, *, eps:
         i, q_blk, a_blk = xs
         scores = attention_scores(q_blk, key, precision, einsum)
         coeff, beta, carry = dra_decode.causal_coefficients(scores, a_blk, carry,
-                                                            q_start + i * block, eps)
+                                                            q_start + i * block, eps,
+                                                            relative_eps)
         return carry, (coeff, beta)
 
     gram, (coeff, beta) = jax.lax.scan(
@@ -217,14 +223,14 @@ def regulated_attention(
     mask: Array | None = None, bias: Array | None = None, block_size: int | None = None,
     dropout: tuple[Array, float, bool] | None = None, keep_fp32: bool = False,
     precision: Any = None, qk_einsum: Einsum | None = None, wv_einsum: Einsum | None = None,
-    return_weights: bool = False,
+    return_weights: bool = False, relative_eps: float = 0.0,
 ) -> tuple[Array, Array | None, Array, Array | None]:
     """Eqs. 11, 13-18 on projected heads; the memory-bounded path when `block_size` is set.
 
     Args:
       query: [..., Lq, H, d]; key, value: [..., Lk, H, d] (same head count).
       alpha: Eq. 12, [..., H], or [..., Lq, H] per row when `causal`.
-      diversify, eps: as in `DRA`.
+      diversify, eps, relative_eps: as in `DRA`.
       causal: key j visible from row i iff j <= q_start + i, coefficients per row (`dra_decode`).
       q_start, gram: the first row's index and the Gram matrix of the rows before it
         (decoding from a cache); `gram` defaults to zeros.
@@ -247,7 +253,7 @@ def regulated_attention(
     if not causal and (block_size is None or q_len <= block_size):
         scores = attention_scores(query, key, precision, qk_einsum)
         weights, beta = regulated_weights(scores, alpha, diversify=diversify, eps=eps,
-                                          mask=mask, bias=bias)
+                                          mask=mask, bias=bias, relative_eps=relative_eps)
         return values(weights, value, dropout=dropout), weights, beta, None
 
     block = min(block_size or q_len, q_len)
@@ -267,7 +273,8 @@ def regulated_attention(
         glob = (a, None, None)
         if diversify:
             coeff, beta = global_coefficients(query, key, alpha, eps=eps, block_size=block,
-                                              precision=precision, einsum=qk_einsum)
+                                              precision=precision, einsum=qk_einsum,
+                                              relative_eps=relative_eps)
             glob = (a, coeff[..., None], beta[..., None])
         gram = jnp.zeros((), jnp.float32)  # unused carry
 
@@ -280,7 +287,7 @@ def regulated_attention(
             start = q_start + x["i"] * block
             if diversify:
                 coeff, beta, carry = dra_decode.causal_coefficients(scores, x["a"], carry,
-                                                                    start, eps)
+                                                                    start, eps, relative_eps)
                 final = regulated_scores(scores, x["a"], coeff, beta)
             else:
                 final, beta = regulated_scores(scores, x["a"]), jnp.ones_like(x["a"])
@@ -334,8 +341,8 @@ def dispatch(query: Array, key: Array, value: Array, alpha: Array, *, mixing: st
              call_attention_fn: Callable[..., Array], default_attention_fn: bool,
              block_size: int | None, dropout: tuple | None, keep_fp32: bool,
              precision: Any, qk_einsum: Callable | None, wv_einsum: Callable | None,
-             sow_weights: bool, owner: str, mask_causal_for_fn: bool | None = None
-             ) -> tuple[Array, Array | None, Array, Array | None]:
+             sow_weights: bool, owner: str, mask_causal_for_fn: bool | None = None,
+             relative_eps: float = 0.0) -> tuple[Array, Array | None, Array, Array | None]:
     """Routes Eqs. 13-18 to `attention_fn` or to `regulated_attention` (docs/design.md §3.5).
 
     Blockwise (q_len > block_size) and diversified forms with Flax's default `attention_fn`
@@ -367,7 +374,7 @@ def dispatch(query: Array, key: Array, value: Array, alpha: Array, *, mixing: st
             query, key, value, alpha, diversify=diversify, eps=eps, causal=causal,
             q_start=q_start, gram=gram, mask=mask, bias=bias, block_size=block_size,
             dropout=dropout, keep_fp32=keep_fp32, precision=precision, qk_einsum=qk_einsum,
-            wv_einsum=wv_einsum, return_weights=sow_weights)
+            wv_einsum=wv_einsum, return_weights=sow_weights, relative_eps=relative_eps)
         return heads, weights, beta, gram
 
     if causal if mask_causal_for_fn is None else mask_causal_for_fn:
@@ -378,11 +385,11 @@ def dispatch(query: Array, key: Array, value: Array, alpha: Array, *, mixing: st
         if causal:
             coeff, beta, gram = causal_row_coefficients(
                 query, key, alpha, eps=eps, block_size=block_size, q_start=q_start, gram=gram,
-                precision=precision, einsum=qk_einsum)
+                precision=precision, einsum=qk_einsum, relative_eps=relative_eps)
         else:
             coeff, beta = global_coefficients(query, key, alpha, eps=eps,
                                               block_size=block_size, precision=precision,
-                                              einsum=qk_einsum)
+                                              einsum=qk_einsum, relative_eps=relative_eps)
         query, key = augmented_query_key(query, key, alpha, coeff, beta)
         return call_attention_fn(query, key, value, mask, bias), None, beta, gram
     if mixing == "negative":

@@ -10,6 +10,7 @@ query row t then depends on the tokens 0..t only, and feeding the tokens one by 
   a_h(t)      = 2 alpha_h(t) - 1,   A_mix_h = a_h(t) A+_h               (Eq. 13)
   G_hg(t)     = sum_{s<=t} sum_{j<=s} A+_h[s, j] A+_g[s, j]             (the score rows seen so far)
   c_h(t)      = a_h sum_g a_g G_hg / H  /  (sum_{g,g'} a_g a_g' G_gg' / H^2 + eps)   (Eq. 15)
+                (+ rho mean_h a_h^2 G_hh in the denominator: `projection_coefficients`)
   beta_h(t)   = sigmoid(1 - c_h(t))
 
 which is Eq. 15 with <A_mix_h, P_main> and ||P_main||^2 summed over the causal triangle
@@ -39,28 +40,52 @@ def prefix_mean(query: Array) -> Array:
     return total / count[:, None, None]
 
 
-def gram_coefficients(gram: Array, a: Array, eps: float) -> tuple[Array, Array]:
+def projection_coefficients(inner: Array, norm_sq: Array, head_norm_sq: Array, *,
+                            eps: float, relative_eps: float = 0.0) -> tuple[Array, Array]:
+    """Eq. 15: c_h = <A_mix_h, P_main> / (||P_main||^2 + eps + rho m) and
+    beta_h = sigmoid(1 - c_h), with m = mean_h ||A_mix_h||^2 and rho = `relative_eps`.
+
+    rho = 0 is the paper's formula. When the heads' scores cancel in P_main (||P_main||
+    small beside the heads' own scores) its c_h and the gradient through it grow without
+    bound (~ ||A_mix|| / ||P_main||); rho > 0 bounds |c_h| by sqrt(H) / (2 sqrt(rho))
+    and leaves aligned heads nearly unchanged (c = 1 / (1 + rho) when all heads agree).
+    docs/design.md §3.2 and docs/parity.md have the measurements.
+
+    inner [..., H], norm_sq [..., 1], head_norm_sq [..., H] (||A_mix_h||^2).
+    """
+    denominator = norm_sq + eps
+    if relative_eps:
+        denominator = denominator + relative_eps * jnp.mean(head_norm_sq, axis=-1,
+                                                            keepdims=True)
+    coeff = inner / denominator
+    return coeff, jax.nn.sigmoid(1.0 - coeff)
+
+
+def gram_coefficients(gram: Array, a: Array, eps: float,
+                      relative_eps: float = 0.0) -> tuple[Array, Array]:
     """Eq. 15 from the Gram matrix of the score maps.
 
     Args:
       gram: [..., H, H], G_hg = sum over the entries of A+_h A+_g.
       a: [..., H] signed mixing 2 alpha - 1 (A_mix_h = a_h A+_h).
-      eps: the epsilon of Eq. 15.
+      eps, relative_eps: as in `projection_coefficients`.
 
     Returns:
-      (c, beta), both [..., H]: <A_mix_h, P_main> = a_h (G a)_h / H and
-      ||P_main||^2 = a.G a / H^2.
+      (c, beta), both [..., H]: <A_mix_h, P_main> = a_h (G a)_h / H,
+      ||P_main||^2 = a.G a / H^2 and ||A_mix_h||^2 = a_h^2 G_hh.
     """
     heads = a.shape[-1]
     ga = jnp.einsum("...hg,...g->...h", gram, a)
     inner = a * ga / heads
     norm_sq = jnp.sum(a * ga, axis=-1, keepdims=True) / heads**2
-    coeff = inner / (norm_sq + eps)
-    return coeff, jax.nn.sigmoid(1.0 - coeff)
+    head_norm_sq = a * a * jnp.diagonal(gram, axis1=-2, axis2=-1)
+    return projection_coefficients(inner, norm_sq, head_norm_sq, eps=eps,
+                                   relative_eps=relative_eps)
 
 
 def causal_coefficients(scores: Array, a_rows: Array, gram: Array, q_start: Array | int,
-                        eps: float) -> tuple[Array, Array, Array]:
+                        eps: float, relative_eps: float = 0.0
+                        ) -> tuple[Array, Array, Array]:
     """Per-row c and beta for a block of consecutive query rows (module docstring).
 
     Args:
@@ -68,7 +93,7 @@ def causal_coefficients(scores: Array, a_rows: Array, gram: Array, q_start: Arra
       a_rows: [..., H, B] signed mixing of those rows.
       gram: [..., H, H] G accumulated over the rows before q_start.
       q_start: index of the block's first row.
-      eps: the epsilon of Eq. 15.
+      eps, relative_eps: as in `projection_coefficients`.
 
     Returns:
       (c [..., H, B], beta [..., H, B], G after the block's last row [..., H, H]).
@@ -77,7 +102,7 @@ def causal_coefficients(scores: Array, a_rows: Array, gram: Array, q_start: Arra
     seen = jnp.where(visible, scores, 0.0)
     row_gram = jnp.einsum("...hqk,...gqk->...qhg", seen, seen)  # [..., B, H, H]
     grams = gram[..., None, :, :] + jnp.cumsum(row_gram, axis=-3)
-    coeff, beta = gram_coefficients(grams, jnp.swapaxes(a_rows, -1, -2), eps)
+    coeff, beta = gram_coefficients(grams, jnp.swapaxes(a_rows, -1, -2), eps, relative_eps)
     return jnp.swapaxes(coeff, -1, -2), jnp.swapaxes(beta, -1, -2), grams[..., -1, :, :]
 
 

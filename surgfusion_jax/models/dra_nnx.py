@@ -6,7 +6,7 @@
 parameter metadata), the same call (`mask`, `deterministic`, `rngs`, `sow_weights`,
 `decode`, `is_causal`, `out_sharding`, `qkv_sharding`) plus `bias`, `init_cache` and
 `set_view`, and the same parameter and cache layout. The DRA arguments (`mixing`,
-`diversify`, `eps`, `alpha_hidden_features`, `alpha_bias_init`, `causal`,
+`diversify`, `eps`, `relative_eps`, `alpha_hidden_features`, `alpha_bias_init`, `causal`,
 `query_block_size`) are those of the linen `DRA`, with the same math: both route through
 `surgfusion_jax.models.dra_blockwise.dispatch` (docs/design.md §3):
 
@@ -71,7 +71,7 @@ class DRANNX(nnx.Module):
     """Divergence Regulated Attention in NNX; a drop-in for `nnx.MultiHeadAttention`.
 
     Arguments as `nnx.MultiHeadAttention`, plus `mixing` ('adaptive' | 'positive' |
-    'negative'), `diversify`, `eps`, `alpha_hidden_features` (default d_h),
+    'negative'), `diversify`, `eps`, `relative_eps`, `alpha_hidden_features` (default d_h),
     `alpha_bias_init`, `causal` and `query_block_size`, as in the linen `DRA`.
     """
 
@@ -87,6 +87,7 @@ class DRANNX(nnx.Module):
         mixing: str = "adaptive",
         diversify: bool = True,
         eps: float = 1e-8,
+        relative_eps: float = 0.0,
         alpha_hidden_features: int | None = None,
         alpha_bias_init: float = 2.0,
         causal: bool = False,
@@ -136,6 +137,7 @@ class DRANNX(nnx.Module):
                              f"by num_heads ({num_heads}).")
         self.head_dim = self.qkv_features // num_heads
         self.mixing, self.diversify, self.eps = mixing, diversify, eps
+        self.relative_eps = relative_eps
         self.causal, self.query_block_size = causal, query_block_size
         self.dtype, self.param_dtype = dtype, param_dtype
         self.broadcast_dropout, self.dropout_rate = broadcast_dropout, dropout_rate
@@ -280,7 +282,8 @@ class DRANNX(nnx.Module):
             call_attention_fn=call_attention_fn, default_attention_fn=default_fn,
             block_size=self.query_block_size, dropout=dropout, keep_fp32=False,
             precision=self.precision, qk_einsum=None, wv_einsum=None,
-            sow_weights=sow_weights, owner="DRANNX", mask_causal_for_fn=self.causal)
+            sow_weights=sow_weights, owner="DRANNX", mask_causal_for_fn=self.causal,
+            relative_eps=self.relative_eps)
         if decoding and self.diversify:
             self.cached_gram[...] = gram
 
@@ -399,6 +402,7 @@ def dra_nnx_from_linen(
     module = DRANNX(
         num_heads, in_features, num_heads * head_dim, params["out"]["kernel"].shape[-1],
         in_kv_features=k_kernel.shape[0], mixing=m.mixing, diversify=m.diversify, eps=m.eps,
+        relative_eps=m.relative_eps,
         alpha_hidden_features=alpha_hidden, alpha_bias_init=m.alpha_bias_init,
         causal=m.causal, query_block_size=m.query_block_size, dtype=m.dtype,
         param_dtype=m.param_dtype, broadcast_dropout=m.broadcast_dropout,

@@ -107,7 +107,7 @@ class ConcatFusion(nn.Module):
 def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
                 dropout_rate: float = 0.0, broadcast_dropout: bool = True,
                 output_projection: bool = True, alpha_bias_init: float = 2.0,
-                dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+                relative_eps: float = 0.0, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
     """Builds the fusion module of a Table IV strategy.
 
     Args:
@@ -120,6 +120,7 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
       output_projection: the attention's output projection W^O (False: PAMFN's
         attention, which has none).
       alpha_bias_init: initial logit of DRA's alpha (Eq. 12; 'dra' only).
+      relative_eps: DRA's rho in Eq. 15 ('dra' only; `DRA.relative_eps`, 0 = the paper).
       dtype: computation dtype.
       name: module name.
 
@@ -128,7 +129,8 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
       sow_weights=False) -> [..., q_len, features]`.
     """
     if strategy == "dra":
-        kwargs = dict(mixing="adaptive", diversify=True, alpha_bias_init=alpha_bias_init)
+        kwargs = dict(mixing="adaptive", diversify=True, alpha_bias_init=alpha_bias_init,
+                      relative_eps=relative_eps)
     elif strategy == "vanilla_ca":
         kwargs = dict(mixing="positive", diversify=False)
     elif strategy == "negative_ca":

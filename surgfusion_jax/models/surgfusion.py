@@ -51,6 +51,7 @@ class AttentionSettings:
         (False; PyTorch's nn.Dropout in PAMFN).
       output_projection: the output projection W^O (PAMFN's attention has none).
       alpha_bias_init: initial logit of DRA's alpha (Eq. 12; docs/design.md §3.2).
+      dra_relative_eps: DRA's rho in Eq. 15 (`DRA.relative_eps`; 0 = the paper).
       gumbel_at_test: the DFB policy samples Gumbel noise in eval mode too (PAMFN).
     """
 
@@ -59,11 +60,13 @@ class AttentionSettings:
     output_projection: bool = True
     alpha_bias_init: float = 2.0
     gumbel_at_test: bool = False
+    dra_relative_eps: float = 0.0
 
     def block_kwargs(self) -> dict:
         return dict(attention_dropout=self.dropout, broadcast_dropout=self.broadcast_dropout,
                     output_projection=self.output_projection,
-                    alpha_bias_init=self.alpha_bias_init)
+                    alpha_bias_init=self.alpha_bias_init,
+                    relative_eps=self.dra_relative_eps)
 
 
 class FusionStage(nn.Module):
@@ -161,8 +164,8 @@ class SurgFusionNet(nn.Module):
       head_dropout, head_hidden_dropout: fusion-head dropouts (0.0 = MAQA's fc_drop, 0.5).
       head_hidden_ratio: the fusion head's hidden width is features // this (2, MAQA's fc_r).
       attention_dropout: attention-weight dropout in CSFB/DFB (0.1, MAQA).
-      broadcast_dropout, attention_output_projection, alpha_bias_init, gumbel_at_test:
-        see `AttentionSettings`.
+      broadcast_dropout, attention_output_projection, alpha_bias_init, gumbel_at_test,
+        dra_relative_eps: see `AttentionSettings`.
       tau_init: initial Gumbel temperature (10, MAQA); learned as `fusion/log_tau`.
       frozen_branch_train: in phase 'fusion' with train=True, run the frozen branches in
         train mode (BatchNorm batch statistics, updated running averages, branch dropout),
@@ -195,6 +198,7 @@ class SurgFusionNet(nn.Module):
     attention_output_projection: bool = True
     alpha_bias_init: float = 2.0
     gumbel_at_test: bool = False
+    dra_relative_eps: float = 0.0
     tau_init: float = 10.0
     frozen_branch_train: bool = False
     dtype: layers.Dtype = jnp.float32
@@ -235,7 +239,8 @@ class SurgFusionNet(nn.Module):
                 stages.append([jax.lax.stop_gradient(x) for x in feats])
             attention = AttentionSettings(self.attention_dropout, self.broadcast_dropout,
                                           self.attention_output_projection,
-                                          self.alpha_bias_init, self.gumbel_at_test)
+                                          self.alpha_bias_init, self.gumbel_at_test,
+                                          self.dra_relative_eps)
             out["fused"] = FusionBranch(
                 self.features, self.num_candidates, self.num_heads, self.fusion, self.use_dfb,
                 self.feature_dropout, self.head_dropout, self.head_hidden_dropout,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 
 from surgfusion_jax.data import input_pipeline
 from surgfusion_jax.errors import StopRequested
@@ -166,6 +167,8 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
          np.ones((len(members),), np.float32)), len(members))
     plan = eval_plan(data, [m.eval_sets for m in members], eval_batch_size, min_bucket)
     best_states: list[Any] = [None] * len(members)  # host copies not yet on disk
+    diverged = {r for r, h in enumerate(histories)  # warned before the resume
+                if any(not _finite(e.get("loss", 0.0)) for e in h)}
     bar = tqdm.tqdm(total=num_epochs, initial=start, desc=desc, disable=not progress,
                     dynamic_ncols=True, leave=True)
     preds = None
@@ -188,6 +191,9 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         for r, m in enumerate(members):
             entry: dict[str, Any] = {"epoch": epoch, "lr": lr}
             entry.update({k: float(v[r]) for k, v in train_metrics.items()})
+            if not _finite(entry["loss"]) and r not in diverged:
+                diverged.add(r)
+                logging.warning(divergence_message(m.name, desc, epoch))
             for name, es in m.eval_sets.items():
                 entry[name] = score_metrics({h: p[r, es.indices] for h, p in preds.items()},
                                             es.scores, score_max, target_max)
@@ -220,6 +226,19 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         preds = train.evaluate_stacked(states, data, plan)
     return states, [{"history": h, "best": b, "final": {k: p[r] for k, p in preds.items()}}
                     for r, (h, b) in enumerate(zip(histories, bests))]
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and bool(np.isfinite(x))
+
+
+def divergence_message(run: str, desc: str, epoch: int) -> str:
+    """The one line that reports a run whose training loss became NaN or infinite."""
+    phase_name = desc.split()[-1] if desc else "training"
+    return (f"run {run} diverged in {phase_name} epoch {epoch}: the loss is not finite, so "
+            "its later epochs score NaN; the other runs go on. With fusion 'dra' and "
+            "model.dra_relative_eps = 0 (the paper's Eq. 15) set --config.model."
+            "dra_relative_eps=0.01 (docs/parity.md), else lower the learning rate.")
 
 
 class _HostCopy:

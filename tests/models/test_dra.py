@@ -118,8 +118,10 @@ def _np_sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def reference_dra(params, xq, xk, xv, heads, mask=None, bias=None, diversify=True, eps=1e-8):
-    """Eqs. 11-18 in float64, one (sample, head) at a time. Returns (out, alpha, beta, w)."""
+def reference_dra(params, xq, xk, xv, heads, mask=None, bias=None, diversify=True, eps=1e-8,
+                  relative_eps=0.0):
+    """Eqs. 11-18 in float64, one (sample, head) at a time. Returns (out, alpha, beta, w).
+    `relative_eps` adds rho * mean_h ||A_mix_h||^2 to Eq. 15's denominator (DRA's)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     xq, xk, xv = (np.asarray(a, np.float64) for a in (xq, xk, xv))
     proj = {n: np.einsum("blf,fhd->blhd", x, p[n]["kernel"]) + p[n]["bias"]
@@ -139,11 +141,12 @@ def reference_dra(params, xq, xk, xv, heads, mask=None, bias=None, diversify=Tru
             alpha[i, h] = _np_sigmoid(hidden @ mlp["logit"]["kernel"] + mlp["logit"]["bias"])[0]
             mixed.append(alpha[i, h] * a_pos + (1 - alpha[i, h]) * (-a_pos))  # Eq. 13
         p_main = sum(mixed) / heads  # Eq. 14
+        spread = relative_eps * np.mean([np.sum(m ** 2) for m in mixed])
         for h in range(heads):
             final = mixed[h]
             beta[i, h] = 1.0
             if diversify:
-                coeff = np.sum(mixed[h] * p_main) / (np.sum(p_main ** 2) + eps)
+                coeff = np.sum(mixed[h] * p_main) / (np.sum(p_main ** 2) + eps + spread)
                 beta[i, h] = _np_sigmoid(1.0 - coeff)  # Eq. 15
                 divg = mixed[h] - coeff * p_main  # Eq. 16
                 final = mixed[h] + beta[i, h] * divg  # Eq. 17

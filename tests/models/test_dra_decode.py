@@ -25,7 +25,7 @@ def _gelu(x):
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def causal_reference(params, x, heads, mask=None, bias=None, eps=1e-8):
+def causal_reference(params, x, heads, mask=None, bias=None, eps=1e-8, relative_eps=0.0):
     """Causal DRA in float64: returns (out [B, L, F_out], alpha [B, L, H], beta [B, L, H])."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
@@ -46,12 +46,13 @@ def causal_reference(params, x, heads, mask=None, bias=None, eps=1e-8):
             al = 1.0 / (1.0 + np.exp(-z))
             mixed = np.array([al[h] * scores[h] + (1 - al[h]) * -scores[h] for h in range(heads)])
             main = mixed.mean(axis=0)
-            inner, norm = np.zeros(heads), 0.0
+            inner, norm, head_norms = np.zeros(heads), 0.0, np.zeros(heads)
             for s in range(t + 1):
                 for j in range(s + 1):
                     inner += mixed[:, s, j] * main[s, j]
                     norm += main[s, j] ** 2
-            c = inner / (norm + eps)
+                    head_norms += mixed[:, s, j] ** 2
+            c = inner / (norm + eps + relative_eps * head_norms.mean())
             be = 1.0 / (1.0 + np.exp(-(1.0 - c)))
             alpha[i, t], beta[i, t] = al, be
             for h in range(heads):

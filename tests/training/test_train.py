@@ -263,3 +263,23 @@ def test_run_phase_resumes_to_identical_history(tmp_path):
     for head, pred in full["final"].items():
         np.testing.assert_array_equal(resumed["final"][head], pred)
     assert _same(state.params, full_state.params) and _same(state.opt_state, full_state.opt_state)
+
+
+def test_a_diverging_run_is_reported_once_with_the_fix(caplog):
+    """A loss that turns NaN (here: a NaN learning rate from epoch 2) is reported in one
+    warning line naming the run, phase and epoch and the Eq. 15 switch; training goes on
+    and the history keeps the NaN epochs."""
+    samples, data = _data()
+    test = phase.EvalSet.make([6, 7, 8, 9], [s["score"] for s in samples])
+    with caplog.at_level("WARNING"):
+        _, meta = phase.run_single_phase(
+            _state("unimodal"), data=data, rng=jax.random.PRNGKey(3), num_epochs=3,
+            eval_batch_size=4, min_bucket=16, batch_size=3, window=6,
+            train_idx=[0, 1, 2, 3, 4, 5], eval_sets={"test": test}, score_max=30.0,
+            progress=False, desc="fold_1 unimodal",
+            learning_rate=lambda epoch: 1e-2 if epoch == 0 else float("nan"))
+    losses = [h["loss"] for h in meta["history"]]
+    assert np.isfinite(losses[0]) and np.isnan(losses[1:]).all()
+    lines = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
+    assert len(lines) == 1
+    assert "unimodal epoch 2" in lines[0] and "dra_relative_eps=0.01" in lines[0]
