@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     # All runs (folds x seeds) train in lockstep as one vmapped program; > 0 splits them
     # into groups of at most this many (memory), each group one program.
     config.max_runs_per_program = 0
+    # How a program runs its group: 'vmap' batches the runs (fast); 'map' loops over them,
+    # so each run's numbers equal that run trained alone bit for bit (docs/design.md §4.9).
+    config.run_axis = "vmap"
 
     config.data = ml_collections.ConfigDict()
     config.data.data_dir = "data/features"

@@ -82,6 +82,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"must lie in (0, 1] (a sigmoid head), got {config.data.target_max}")
     need(config.model.init in init_schemes.SCHEMES, "model.init",
          f"must be one of {init_schemes.SCHEMES}, got {config.model.init!r}")
+    need(config.model.dra_relative_eps >= 0.0, "model.dra_relative_eps",
+         f"must be >= 0 (0: the paper's Eq. 15), got {config.model.dra_relative_eps}")
+    need(config.get("run_axis", "vmap") in train.RUN_AXES, "run_axis",
+         f"must be one of {train.RUN_AXES}, got {config.get('run_axis')!r}")
     need(config.fusion.init_from in ("last", "best"), "fusion.init_from",
          f"must be 'last' or 'best', got {config.fusion.init_from!r}")
     for phase in train.PHASES:
@@ -220,7 +224,8 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
                 learning_rate=train.learning_rate_schedule(cfg),
                 eval_batch_size=config.eval_batch_size, min_bucket=config.min_bucket,
                 checkpoint_every=config.checkpoint_every_epochs,
-                desc=f"{desc} {phase_name}", progress=config.progress_bar, budget=budget)
+                desc=f"{desc} {phase_name}", progress=config.progress_bar, budget=budget,
+                run_axis=config.get("run_axis", "vmap"))
         finally:
             for m in members:
                 m.writer.close()

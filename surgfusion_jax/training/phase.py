@@ -147,7 +147,8 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
               target_max: float = 0.5,
               learning_rate, eval_batch_size: int = 8, min_bucket: int = 8,
               checkpoint_every: int = 1, desc: str = "", progress: bool = True,
-              budget: EpochBudget | None = None) -> tuple[Any, list[dict[str, Any]]]:
+              budget: EpochBudget | None = None, run_axis: str = "vmap"
+              ) -> tuple[Any, list[dict[str, Any]]]:
     """Trains the R runs of `members` (their TrainStates stacked in `states`) for
     `num_epochs`, evaluating each run's eval sets after every epoch.
 
@@ -180,10 +181,10 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         lr = float(learning_rate(epoch - 1))
         states, train_metrics = train.train_epochs(
             states, data, padded, num_train, num_steps, _epoch_keys(rngs, epoch), lrs * lr,
-            window=window, batch_size=batch_size, steps=max(steps))
+            window=window, batch_size=batch_size, steps=max(steps), run_axis=run_axis)
         # Evaluation is dispatched before the training metrics are read back, so the
         # host waits once per epoch, not once for training and again for evaluation.
-        preds = train.evaluate_stacked(states, data, plan)
+        preds = train.evaluate_stacked(states, data, plan, run_axis)
         train_metrics = jax.device_get(train_metrics)
         stop = budget is not None and budget.spend()
         persist = stop or epoch == num_epochs or epoch % max(checkpoint_every, 1) == 0
@@ -223,7 +224,7 @@ def run_phase(states: Any, data: input_pipeline.DeviceData, members: Sequence[Me
         bar.set_postfix(loss=f"{float(np.mean(train_metrics['loss'])):.4f}")
     bar.close()
     if preds is None:  # resumed after the last epoch: score the restored states
-        preds = train.evaluate_stacked(states, data, plan)
+        preds = train.evaluate_stacked(states, data, plan, run_axis)
     return states, [{"history": h, "best": b, "final": {k: p[r] for k, p in preds.items()}}
                     for r, (h, b) in enumerate(zip(histories, bests))]
 

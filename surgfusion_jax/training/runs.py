@@ -238,5 +238,6 @@ def evaluate(run: RunData, group: Sequence[MemberSpec], variables: Sequence[Mapp
     if plan is None:
         plan = phase_lib.eval_plan(run.data, [run.eval_sets(m) for m in group],
                                    run.config.eval_batch_size, run.config.min_bucket)
-    preds = train.evaluate_stacked(states, run.data, plan)
+    preds = train.evaluate_stacked(states, run.data, plan,
+                                   run_axis=run.config.get("run_axis", "vmap"))
     return [{h: p[r] for h, p in preds.items()} for r in range(len(group))]

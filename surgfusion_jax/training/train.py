@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -289,42 +289,65 @@ def train_epoch(state: TrainState, data: input_pipeline.DeviceData, train_idx: A
                   window=window, batch_size=batch_size, steps=steps)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "batch_size", "steps"))
+RUN_AXES = ("vmap", "map")
+
+
+def over_runs(fn: Callable[..., Any], run_axis: str, *args: Any) -> Any:
+    """`fn` applied to every run of the stacked `args` (leading run axis R) in one program.
+
+    'vmap' batches the runs (fast: one matrix product serves all runs). 'map' runs them one
+    after another in a loop (`jax.lax.map`): every run executes the same compiled body
+    whatever R is, so a run gives the same numbers in a group as alone, bit for bit
+    (batched products round differently from single ones, docs/design.md §4.9).
+    """
+    if run_axis == "vmap":
+        return jax.vmap(fn)(*args)
+    if run_axis == "map":
+        return jax.lax.map(lambda xs: fn(*xs), args)
+    raise ValueError(f"run_axis must be one of {RUN_AXES}, got {run_axis!r} "
+                     "(config field `run_axis`).")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "batch_size", "steps", "run_axis"))
 def train_epochs(states: TrainState, data: input_pipeline.DeviceData, train_idx: Array,
                  num_train: Array, num_steps: Array, rngs: Array, learning_rates: Array, *,
-                 window: int, batch_size: int, steps: int) -> tuple[TrainState, dict[str, Array]]:
+                 window: int, batch_size: int, steps: int, run_axis: str = "vmap"
+                 ) -> tuple[TrainState, dict[str, Array]]:
     """`train_epoch` of R runs in one program: `states` stacked on a leading run axis,
     train_idx [R, N_pad], num_train / num_steps / learning_rates [R], rngs [R, 2].
 
     Every run scans `steps` steps (the largest epoch of the group); steps past a run's
     own `num_steps` leave it unchanged, so each run gets exactly the updates it would get
-    alone. Metrics are [R] means over each run's own steps.
+    alone. Metrics are [R] means over each run's own steps. `run_axis`: `over_runs`.
     """
     epoch = functools.partial(_epoch, data=data, window=window, batch_size=batch_size,
                               steps=steps)
-    return jax.vmap(lambda s, i, n, r, lr, k: epoch(s, train_idx=i, num_train=n, rng=r,
-                                                    learning_rate=lr, num_steps=k))(
-        states, train_idx, num_train, rngs, learning_rates, num_steps)
+    return over_runs(lambda s, i, n, r, lr, k: epoch(s, train_idx=i, num_train=n, rng=r,
+                                                     learning_rate=lr, num_steps=k),
+                     run_axis, states, train_idx, num_train, rngs, learning_rates, num_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("length",))
+@functools.partial(jax.jit, static_argnames=("length", "run_axis"))
 def predict_batches(states: TrainState, data: input_pipeline.DeviceData, idx: Array, *,
-                    length: int) -> dict[str, Array]:
+                    length: int, run_axis: str = "vmap") -> dict[str, Array]:
     """Scores [R, E] of the videos `idx` [E] under each of the R stacked `states`, all
     segments, padded to the bucket `length`."""
     inputs, valid = input_pipeline.gather_eval_batch(data, idx, length)
-    return jax.vmap(lambda s: eval_step(s, {"inputs": inputs, "valid": valid}))(states)
+    return over_runs(lambda s: eval_step(s, {"inputs": inputs, "valid": valid}), run_axis,
+                     states)
 
 
 def evaluate_stacked(states: TrainState, data: input_pipeline.DeviceData,
-                     plan: Sequence[input_pipeline.EvalBatch]) -> dict[str, np.ndarray]:
+                     plan: Sequence[input_pipeline.EvalBatch], run_axis: str = "vmap"
+                     ) -> dict[str, np.ndarray]:
     """Predictions (normalised, float64) {head: [R, N]} of the R stacked `states` for the
     videos of `plan`, at their dataset index (entries of videos not in the plan: NaN).
 
     Each run's predictions do not depend on the other runs' values, so scoring a
     checkpoint again in a group of the same size reproduces them bit for bit.
     """
-    outputs = [(b, predict_batches(states, data, jnp.asarray(b.idx), length=b.length))
+    outputs = [(b, predict_batches(states, data, jnp.asarray(b.idx), length=b.length,
+                                   run_axis=run_axis))
                for b in plan]  # dispatch all batches before reading any back
     result: dict[str, np.ndarray] = {}
     for b, out in outputs:

@@ -231,18 +231,31 @@ def test_config_and_data_errors_name_the_fix(data_dir, tmp_path, full_run):
 
 
 def test_a_group_of_runs_equals_each_run_alone(data_dir, tmp_path):
-    """Two seeds x two folds trained as one vmapped program give, per run, the history and
+    """Two seeds x two folds trained as one program give, per run, the history and
     predictions of that fold and seed trained alone (max_runs_per_program=1).
 
-    Batched and single matrix products round differently (~1e-7). The unimodal phase
-    carries that along: equal to 1e-5 of the normalised output. In the fusion phase the
-    PolicyNet's hard argmax turns round-off into a different candidate mask now and then,
-    so the fused model agrees in loss to 1e-5 but its predictions only to 1e-3."""
+    run_axis='map' (a loop over the runs inside the program): to 1e-6, every model.
+    run_axis='vmap' (the default, batched): batched and single matrix products round
+    differently (~1e-7). The unimodal phase carries that along: equal to 1e-5 of the
+    normalised output. In the fusion phase Adam's first steps turn round-off in near-zero
+    gradients into +-lr steps and the PolicyNet's hard argmax into an occasional other
+    candidate mask, so the fused model agrees in loss to 1e-4 and in predictions to 1e-3."""
     kw = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=2, checkpoint_every_epochs=10)
+    alone, _ = cv.run_cross_validation(_config(data_dir, "noise", max_runs_per_program=1,
+                                               run_axis="map", **kw), str(tmp_path / "alone"))
+    mapped, _ = cv.run_cross_validation(_config(data_dir, "noise", run_axis="map", **kw),
+                                        str(tmp_path / "mapped"))
+    for a, b in zip(mapped["folds"], alone["folds"]):
+        assert (a["seed"], a["name"]) == (b["seed"], b["name"])
+        for model in ("rgb", "flow", "mask", "fused"):
+            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
+                for key in ("loss", "scc", "mae", "val_scc", "val_mae"):
+                    assert ha[key] == pytest.approx(hb[key], abs=1e-6), (model, key)
+            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
+                                       b["models"][model]["predictions"]["final"]["pred"],
+                                       atol=1e-6 * 2 * SCORE_MAX)
     together, run = cv.run_cross_validation(_config(data_dir, "noise", **kw),
                                             str(tmp_path / "together"))
-    alone, _ = cv.run_cross_validation(_config(data_dir, "noise", max_runs_per_program=1, **kw),
-                                       str(tmp_path / "alone"))
     assert [len(g) for g in run.groups()] == [4]
     assert [(f["seed"], f["name"]) for f in together["folds"]] == [
         (0, "fold_1"), (0, "fold_2"), (1, "fold_1"), (1, "fold_2")]
@@ -253,7 +266,7 @@ def test_a_group_of_runs_equals_each_run_alone(data_dir, tmp_path):
         for model in ("rgb", "flow", "mask", "fused"):
             tol = 1e-5 if model != "fused" else 1e-3
             for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
-                assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
+                assert ha["loss"] == pytest.approx(hb["loss"], abs=min(tol, 1e-4))
                 if model != "fused":
                     assert ha["scc"] == pytest.approx(hb["scc"], abs=1e-5)
                 for key in ("mae", "val_mae"):
