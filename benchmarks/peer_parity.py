@@ -139,6 +139,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Keep data, runs and the export 
                                "of ours there is resumed, not retrained.")
 _OUT = flags.DEFINE_string("out", None, "JSON output (else stdout).")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown output (else stderr).")
+_BASELINE = flags.DEFINE_string(
+    "baseline", None, "Also pair every other model with this one of ours (a preset or "
+    "--variant label): the per-switch table (a variant against its preset).")
 _HISTORIES = flags.DEFINE_bool("histories", False, "Include every fold's per-epoch history.")
 
 
@@ -539,7 +542,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                          f"{_fmt(entry['mae_mean'], entry['mae_ci95'])} |"
                          + " — |" * (2 * len(READINGS) - 2))
     if report.get("differences"):
-        lines += ["", "Paired differences ours − PAMFN (seeds paired; SCC, MAE):", "",
+        lines += ["", "Paired differences (seeds paired; SCC, MAE):", "",
                   "| comparison | head | " + " | ".join(f"ΔSCC {r} | ΔMAE {r}" for r in READINGS)
                   + " |", "|" + " --- |" * (2 + 2 * len(READINGS))]
         lines += _reading_rows(report["differences"],
@@ -620,6 +623,14 @@ def run(workdir: str) -> dict[str, Any]:
         report.setdefault("curves", {})[model] = mean_curves(records[model])
         if model != PAMFN and PAMFN in readings:
             report["differences"][f"{model} - {PAMFN}"] = differences(r, readings[PAMFN])
+    if _BASELINE.value:
+        base = f"ours-{_BASELINE.value}"
+        if base not in readings:
+            raise ParityError(f"--baseline={_BASELINE.value}: not among this run's models "
+                              f"{sorted(readings)}; add it to --presets or --variant.")
+        for model, r in readings.items():
+            if model not in (base, PAMFN):
+                report["differences"][f"{model} - {base}"] = differences(r, readings[base])
     report["baselines"] = ridge_baselines(dataset, [f for f in folds if f.name in report["folds"]],
                                           score_max)
     if _HISTORIES.value:
