@@ -300,3 +300,27 @@ def _sown_leaves(tree, name):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [("/".join(str(getattr(k, "key", k)) for k in path), np.asarray(v))
             for path, v in flat if name in str(path[-2:])]
+
+
+# --- fusion.head_lr_factor --------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,factor", [("pamfn", 0.1), ("paper", 0.1), ("recommended", 1.0)])
+def test_fusion_head_moves_at_the_presets_rate(preset, factor):
+    """Adam's first step is lr * sign(g) per parameter: the head's must be `factor` times
+    the body's (closed form, not the optimizer's own arithmetic)."""
+    config = config_lib.get_config()
+    config.preset = preset
+    cfg = config_lib.resolve(config).fusion
+    assert cfg.head_lr_factor == factor
+    params = {"fusion": {"head_out": {"kernel": jnp.ones((3,))},
+                         "stage1": {"kernel": jnp.ones((3,))}}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    tx = train.make_optimizer("fusion", cfg)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(1e-3)
+    updates, _ = tx.update(grads, state, params)
+    body = float(updates["fusion"]["stage1"]["kernel"][0])
+    head = float(updates["fusion"]["head_out"]["kernel"][0])
+    decay = cfg.weight_decay  # AdamW adds lr * decay * p (p = 1)
+    assert body == pytest.approx(-1e-3 * (1 + decay), rel=1e-3)
+    assert head == pytest.approx(-1e-3 * factor * (1 + decay), rel=1e-3)
