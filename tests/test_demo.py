@@ -11,6 +11,7 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "demo.py")
 
 
+@pytest.mark.slow  # ~65 s; `make test-slow` also runs a fresh-clone `make demo` (test_demo_readme)
 def test_demo_path_end_to_end(tmp_path, capsys):
     config = config_lib.load_config_file(DEMO, "small")
     config.workdir = str(tmp_path / "run")
