@@ -49,7 +49,7 @@ def projection_coefficients(inner: Array, norm_sq: Array, head_norm_sq: Array, *
     small beside the heads' own scores) its c_h and the gradient through it grow without
     bound (~ ||A_mix|| / ||P_main||); rho > 0 bounds |c_h| by sqrt(H) / (2 sqrt(rho))
     and leaves aligned heads nearly unchanged (c = 1 / (1 + rho) when all heads agree).
-    docs/design.md §3.2 and docs/parity.md have the measurements.
+    docs/design.md §3.6 and docs/parity.md have the measurements.
 
     inner [..., H], norm_sq [..., 1], head_norm_sq [..., H] (||A_mix_h||^2).
     """

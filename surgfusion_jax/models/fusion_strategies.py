@@ -107,7 +107,8 @@ class ConcatFusion(nn.Module):
 def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
                 dropout_rate: float = 0.0, broadcast_dropout: bool = True,
                 output_projection: bool = True, alpha_bias_init: float = 2.0,
-                relative_eps: float = 0.0, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+                relative_eps: float = 0.0, dtype: Dtype = jnp.float32,
+                name: str | None = None) -> nn.Module:
     """Builds the fusion module of a Table IV strategy.
 
     Args:
