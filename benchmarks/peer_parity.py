@@ -91,6 +91,9 @@ from surgfusion_jax.io import to_jsonable  # noqa: E402
 from surgfusion_jax.training import cross_validation, phase, train  # noqa: E402
 
 HEADS = ("rgb", "flow", "mask", "fused")
+# Late fusion, no training: the mean of the three branches' final-epoch test predictions.
+# The fused model must beat it to earn its parameters (final reading only).
+BRANCH_MEAN = "branch-mean"
 READINGS = ("final", "paper", "best-mean")  # summary's protocols, unbiased first
 READING_NOTES = {"final": "last epoch (unbiased)",
                  "paper": "per fold, the best test epoch (optimistic)",
@@ -253,11 +256,15 @@ def pamfn_records(report: Mapping[str, Any], dataset: feature_dataset.FeatureDat
         runs = dict(rec["branches"], fused=rec["fused"])
         models = {}
         for head, run in runs.items():
+            last = run["history"][-1]
             models[head] = {"history": [
                 {"epoch": h["epoch"], "loss": h["loss"],
                  "scc": metrics.spearman(h["test_pred"], true),
                  "mae": metrics.mae(np.asarray(h["test_pred"]) * score_max, true)}
-                for h in run["history"]]}
+                for h in run["history"]],
+                "predictions": {"final": {"epoch": last["epoch"], "true": true.tolist(),
+                                          "pred": (np.asarray(last["test_pred"])
+                                                   * score_max).tolist()}}}
         out.append({"name": rec["name"], "seed": rec["seed"], "models": models})
     return out
 
@@ -334,6 +341,17 @@ class _LibraryTimer:
         return out
 
 
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets: "a=1,b=('x', 'y')" -> two items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     """'LABEL=PRESET:FIELD=VALUE,...' -> (label, preset, {field: value})."""
     label, sep, rest = text.partition("=")
@@ -342,7 +360,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
         raise ParityError(f"--variant={text!r}: expected LABEL=PRESET:FIELD=VALUE,... with "
                           f"PRESET one of {sorted(config_lib.PRESETS)}.")
     overrides = {}
-    for item in filter(None, assignments.split(",")):
+    for item in filter(None, _split_top_level(assignments)):
         field, eq, value = item.partition("=")
         if not eq:
             raise ParityError(f"--variant={text!r}: {item!r} is not FIELD=VALUE.")
@@ -442,7 +460,31 @@ def per_seed_readings(records: Sequence[Mapping[str, Any]]
                 if e is not None:
                     out.setdefault(head, {}).setdefault(reading, {})[seed] = (
                         e["scc_mean"], e["mae_mean"], [p["epoch"] for p in e["per_fold"]])
+    late = branch_mean_readings(records)
+    if late:
+        out[BRANCH_MEAN] = {"final": late}
     return out
+
+
+def branch_mean_readings(records: Sequence[Mapping[str, Any]]
+                         ) -> dict[int, tuple[float, float, Any]]:
+    """{seed: (fold-mean SCC, fold-mean MAE, epochs)} of `BRANCH_MEAN`: per fold, the mean
+    of the branches' final-epoch test predictions (score units); {} when a fold lacks them."""
+    per_seed: dict[int, list[tuple[float, float, int]]] = {}
+    for r in records:
+        finals = [r["models"].get(m, {}).get("predictions", {}).get("final")
+                  for m in feature_dataset.MODALITIES]
+        if any(f is None for f in finals):
+            return {}
+        if any(f.get("video_ids") != finals[0].get("video_ids") for f in finals):
+            raise ParityError(f"fold {r['name']}: the branches' test predictions are of "
+                              "different videos.")
+        pred = np.mean([np.asarray(f["pred"], float) for f in finals], axis=0)
+        true = np.asarray(finals[0]["true"], float)
+        per_seed.setdefault(r["seed"], []).append(
+            (metrics.spearman(pred, true), metrics.mae(pred, true), finals[0]["epoch"]))
+    return {seed: (float(np.mean([x[0] for x in rows])), float(np.mean([x[1] for x in rows])),
+                   [x[2] for x in rows]) for seed, rows in per_seed.items()}
 
 
 def aggregate(readings) -> dict[str, dict[str, dict[str, Any]]]:
@@ -474,6 +516,25 @@ def differences(ours, reference) -> dict[str, dict[str, dict[str, Any]]]:
             out.setdefault(head, {})[reading] = {"scc_diff": scc[0], "scc_diff_ci95": scc[1],
                                                  "mae_diff": mae[0], "mae_diff_ci95": mae[1],
                                                  "n_seeds": len(common)}
+    return out
+
+
+def fusion_gain(readings: Mapping[str, Mapping[str, Mapping[int, tuple]]]) -> dict[str, Any]:
+    """Within one model, final reading, seeds paired: the fused SCC minus each branch's, the
+    best branch's (the highest mean SCC) and `BRANCH_MEAN`'s; {} without a fused head."""
+    fused = readings.get("fused", {}).get("final")
+    if not fused:
+        return {}
+    finals = {h: readings[h]["final"] for h in feature_dataset.MODALITIES + (BRANCH_MEAN,)
+              if "final" in readings.get(h, {})}
+    branches = [h for h in finals if h != BRANCH_MEAN]
+    out: dict[str, Any] = {"best_branch": max(
+        branches, key=lambda h: np.mean([v[0] for v in finals[h].values()]))} if branches else {}
+    for head, by_seed in finals.items():
+        common = sorted(set(fused) & set(by_seed))
+        diff = metrics.mean_ci95([fused[s][0] - by_seed[s][0] for s in common])
+        out[f"fused - {head}"] = {"scc_diff": diff[0], "scc_diff_ci95": diff[1],
+                                  "n_seeds": len(common)}
     return out
 
 
@@ -517,7 +578,7 @@ def _reading_rows(table: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -
     mae, its CI) under every reading."""
     rows = []
     for name, by_head in table.items():
-        for h in (h for h in HEADS if h in by_head):
+        for h in (h for h in HEADS + (BRANCH_MEAN,) if h in by_head):
             cells = []
             for r in READINGS:
                 e = by_head[h].get(r)
@@ -547,6 +608,17 @@ def markdown(report: Mapping[str, Any]) -> str:
                   + " |", "|" + " --- |" * (2 + 2 * len(READINGS))]
         lines += _reading_rows(report["differences"],
                                ("scc_diff", "scc_diff_ci95", "mae_diff", "mae_diff_ci95"))
+    gains = {m: g for m, g in (report.get("fusion_gain") or {}).items() if g}
+    if gains:
+        lines += ["", f"Fusion gain, final reading (ΔSCC, seeds paired): the fused model "
+                  f"minus its best branch and minus {BRANCH_MEAN} (the mean of its three "
+                  "branches' predictions, no training):", "",
+                  f"| model | best branch | fused − best branch | fused − {BRANCH_MEAN} |",
+                  "| --- | --- | --- | --- |"]
+        for model, g in gains.items():
+            best, late = g.get(f"fused - {g.get('best_branch')}"), g.get(f"fused - {BRANCH_MEAN}")
+            cells = [_fmt(e["scc_diff"], e["scc_diff_ci95"]) if e else "—" for e in (best, late)]
+            lines.append(f"| {model} | {g.get('best_branch', '—')} | {cells[0]} | {cells[1]} |")
     if report.get("baselines"):
         lines += ["", "Ridge rows: ridge regression on mean-pooled features, one fit per fold "
                   "(no seed), penalty by inner CV on the training fold; ± is the 95% CI over "
@@ -621,6 +693,7 @@ def run(workdir: str) -> dict[str, Any]:
     for model, r in readings.items():
         report["models"][model] = aggregate(r)
         report.setdefault("curves", {})[model] = mean_curves(records[model])
+        report.setdefault("fusion_gain", {})[model] = fusion_gain(r)
         if model != PAMFN and PAMFN in readings:
             report["differences"][f"{model} - {PAMFN}"] = differences(r, readings[PAMFN])
     if _BASELINE.value:

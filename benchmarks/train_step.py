@@ -96,7 +96,8 @@ def _config():
 def _state(config, model, variables, phase):
     cfg = config[phase]
     return train.create_train_state(model, jax.tree.map(jnp.copy, variables),
-                                    train.make_optimizer(phase, cfg), phase,
+                                    train.make_optimizer(phase, cfg, config.model.trainable_branches),
+                                    phase,
                                     learning_rate=cfg.learning_rate,
                                     loss_alpha=config.loss_alpha)
 

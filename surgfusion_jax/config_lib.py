@@ -45,6 +45,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.broadcast_dropout": False,  # nn.Dropout on the attention weights
         "model.gumbel_at_test": True,  # F.gumbel_softmax in eval mode too
         "model.frozen_branch_train": True,  # model.train() reaches the loaded branches
+        # models/pamfn.py PAMFN.forward: feat_a is not .detach()ed (slot A = our mask)
+        "model.trainable_branches": ("mask",),
         "unimodal.clip_per_branch": True,  # one run (and one clip) per branch
         "fusion.weight_decay": 0.01,  # torch.optim.AdamW(params, lr): the default 0.01
         "fusion.head_lr_factor": 0.1,  # pipeline.py: the regression head at lr x 0.1
@@ -61,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.broadcast_dropout": False,  # silent -> PAMFN
         "model.gumbel_at_test": True,  # silent -> PAMFN
         "model.frozen_branch_train": True,  # "frozen" only; BatchNorm mode silent -> PAMFN
+        "model.trainable_branches": (),  # §III-B.2, §IV-B: "unimodal branches are frozen"
         "unimodal.clip_per_branch": True,  # silent -> PAMFN
         "fusion.weight_decay": 0.01,  # AdamW without a value -> PAMFN (PyTorch's default)
         "fusion.head_lr_factor": 0.1,  # silent -> PAMFN
@@ -78,6 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.broadcast_dropout": True,
         "model.gumbel_at_test": False,
         "model.frozen_branch_train": False,
+        "model.trainable_branches": (),
         "unimodal.clip_per_branch": False,
         "fusion.weight_decay": 1e-4,
         # measured: fused MAE -0.55 +- 0.21, SCC +0.005 +- 0.045 against x0.1 (docs/parity.md)
@@ -149,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_output_projection = _placeholder(bool)  # switch: W^O (Eq. 18)
     config.model.gumbel_at_test = _placeholder(bool)  # switch: PAMFN samples at test
     config.model.frozen_branch_train = _placeholder(bool)  # switch: PAMFN's train-mode BN
+    # switch: branches that keep training in the fusion phase (PAMFN: its third, undetached)
+    config.model.trainable_branches = _placeholder(tuple)
 
     config.cv = ml_collections.ConfigDict()
     config.cv.scheme = "kfold"  # kfold | loso | louo

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,3 +65,61 @@ def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
     assert len(report["curves"]["ours-recommended"]["fused"]["scc"]) == 2
     md = table.read_text()
     assert "| ours-recommended | fused |" in md and "ridge (all)" in md
+
+
+def _peer_parity():
+    """benchmarks/peer_parity.py as a module (its absl flags are only defined, not parsed)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "peer_parity", os.path.join(REPO, "benchmarks", "peer_parity.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_parity_branch_mean_and_fusion_gain_against_scipy():
+    """The late-fusion row (mean of the branches' final predictions) and the fused model's
+    paired gains, against scipy on hand-made fold records; variants split at top-level
+    commas only."""
+    from scipy import stats
+    pp = _peer_parity()
+    rng = np.random.default_rng(0)
+    records, expected = [], {}
+    for seed in (0, 1):
+        for fold in ("fold_1", "fold_2"):
+            true = rng.uniform(6, 30, size=7)
+            ids = [f"v{i}" for i in range(7)]
+            preds = {h: true + rng.normal(scale=s, size=7)
+                     for h, s in (("rgb", 4), ("flow", 6), ("mask", 8), ("fused", 3))}
+            models = {h: {"history": [{"epoch": 3, "scc": stats.spearmanr(p, true)[0],
+                                       "mae": float(np.mean(np.abs(p - true)))}],
+                          "predictions": {"final": {"epoch": 3, "video_ids": ids,
+                                                    "true": true.tolist(), "pred": p.tolist()}}}
+                      for h, p in preds.items()}
+            records.append({"name": fold, "seed": seed, "models": models})
+            late = np.mean([preds[m] for m in ("rgb", "flow", "mask")], axis=0)
+            expected.setdefault(seed, []).append(
+                (stats.spearmanr(late, true)[0], np.mean(np.abs(late - true)),
+                 {h: stats.spearmanr(p, true)[0] for h, p in preds.items()}))
+    readings = pp.per_seed_readings(records)
+    for seed, rows in expected.items():
+        scc, mae, _ = readings[pp.BRANCH_MEAN]["final"][seed]
+        assert scc == pytest.approx(np.mean([r[0] for r in rows]), abs=1e-12)
+        assert mae == pytest.approx(np.mean([r[1] for r in rows]), abs=1e-9)
+    gain = pp.fusion_gain(readings)
+    per_seed = {h: [np.mean([r[2][h] for r in rows]) for rows in expected.values()]
+                for h in ("rgb", "flow", "mask", "fused")}
+    best = max(("rgb", "flow", "mask"), key=lambda h: np.mean(per_seed[h]))
+    assert gain["best_branch"] == best
+    diffs = np.subtract(per_seed["fused"], per_seed[best])
+    assert gain[f"fused - {best}"]["scc_diff"] == pytest.approx(diffs.mean(), abs=1e-12)
+    half = stats.t.ppf(0.975, 1) * diffs.std(ddof=1) / np.sqrt(2)
+    assert gain[f"fused - {best}"]["scc_diff_ci95"] == pytest.approx(half, rel=1e-9)
+    late_diffs = [per_seed["fused"][i] - np.mean([r[0] for r in rows])
+                  for i, rows in enumerate(expected.values())]
+    assert gain[f"fused - {pp.BRANCH_MEAN}"]["scc_diff"] == pytest.approx(np.mean(late_diffs))
+    records[0]["models"]["mask"]["predictions"]["final"]["video_ids"] = list("abcdefg")
+    with pytest.raises(pp.ParityError, match="different videos"):
+        pp.branch_mean_readings(records)
+    assert pp.parse_variant("t=pamfn:model.trainable_branches=('rgb', 'mask'),model.init=flax") \
+        == ("t", "pamfn", {"model.trainable_branches": ("rgb", "mask"), "model.init": "flax"})

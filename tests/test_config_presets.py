@@ -324,3 +324,68 @@ def test_fusion_head_moves_at_the_presets_rate(preset, factor):
     decay = cfg.weight_decay  # AdamW adds lr * decay * p (p = 1)
     assert body == pytest.approx(-1e-3 * (1 + decay), rel=1e-3)
     assert head == pytest.approx(-1e-3 * factor * (1 + decay), rel=1e-3)
+
+
+# --- model.trainable_branches -----------------------------------------------------------
+
+def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
+    """PAMFN's fusion model detaches two branches' features but not the third's, and its
+    AdamW holds all parameters: under 'pamfn' one fusion step moves the mask branch (its
+    unused regression head excepted) and its BatchNorm statistics, and no other branch;
+    the trainable branch's update equals AdamW's closed-form first step (lr * (sign(g) +
+    decay * p)) on the gradient of the fused loss alone."""
+    config = config_lib.get_config()
+    config.preset = "pamfn"
+    resolved = config_lib.resolve(config)
+    assert resolved.model.trainable_branches == ("mask",)
+    model = _tiny_model(trainable_branches=resolved.model.trainable_branches)
+    variables = train.init_variables(model, jax.random.PRNGKey(0), 6)
+    tx = train.make_optimizer("fusion", resolved.fusion, resolved.model.trainable_branches)
+    state = train.create_train_state(model, variables, tx, "fusion", learning_rate=1e-3,
+                                     loss_alpha=1.0)
+    batch = {"inputs": {m: jax.random.normal(jax.random.PRNGKey(i), (4, 8, 6)) + 1.0
+                        for i, m in enumerate(model.modalities)},
+             "valid": jnp.ones((4, 8), bool), "target": jnp.array([0.2, 0.4, 0.6, 0.8]),
+             "weight": jnp.ones((4,))}
+    new, _ = jax.jit(train.train_step)(state, batch, jax.random.PRNGKey(3))
+
+    def moved(tree_a, tree_b):
+        return not all(jax.tree.leaves(jax.tree.map(np.array_equal, tree_a, tree_b)))
+
+    for m in ("rgb", "flow"):
+        assert not moved(variables["params"][f"branch_{m}"], new.params[f"branch_{m}"]), m
+        assert not moved(variables["batch_stats"][f"branch_{m}"], new.batch_stats[f"branch_{m}"])
+    old_mask, new_mask = variables["params"]["branch_mask"], new.params["branch_mask"]
+    assert not moved(old_mask["head"], new_mask["head"])  # unused: no decay either
+    assert moved(variables["batch_stats"]["branch_mask"], new.batch_stats["branch_mask"])
+
+    # The gradient it moved along: the fused loss with the mask branch differentiable.
+    def loss(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                             batch["inputs"], batch["valid"], train=True, phase="fusion",
+                             rngs=dict(zip(("dropout", "gumbel"),
+                                           jax.random.split(jax.random.PRNGKey(3)))),
+                             mutable=["batch_stats"])
+        return jnp.mean((out["fused"] - batch["target"]) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    clip = min(1.0, resolved.fusion.grad_clip / float(optax_global_norm(grads)))
+    decay = resolved.fusion.weight_decay
+    for name in ("embed1", "stage3"):
+        g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads["branch_mask"][name])])
+        p = np.concatenate([np.ravel(x) for x in jax.tree.leaves(old_mask[name])])
+        q = np.concatenate([np.ravel(x) for x in jax.tree.leaves(new_mask[name])])
+        assert np.abs(g).max() > 0, name
+        big = np.abs(g * clip) > 1e-5  # Adam's eps (1e-8) blurs sign(g) for tiny ones
+        np.testing.assert_allclose((q - p)[big], -1e-3 * (np.sign(g[big]) + decay * p[big]),
+                                   rtol=2e-3, atol=1e-8)
+
+    frozen = _tiny_model()  # paper / recommended: every branch frozen
+    with pytest.raises(ValueError, match="model.trainable_branches"):
+        bad = _tiny_model(modalities=("rgb",), trainable_branches=("mask",))
+        bad.init(jax.random.PRNGKey(0), {"rgb": jnp.zeros((1, 4, 6))}, phase="all")
+    assert frozen.trainable_branches == ()
+
+
+def optax_global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

@@ -15,7 +15,7 @@ Fusion branch (docs/design.md §2, after MAQA's PAMFN). With the branch stage fe
 Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
 (branches in train mode when `train`); phase='fusion' freezes the branches
 (stop_gradient on their features; BatchNorm running averages and branch dropout off
-unless `frozen_branch_train`; regression heads unused) and applies dropout `feature_dropout` to the features fed to
+unless `frozen_branch_train`; regression heads unused; `trainable_branches` excepted) and applies dropout `feature_dropout` to the features fed to
 the fusion branch; phase='all' returns both (use it for `init`).
 
 Everything is masked by `valid` (see `layers`): padded steps do not change any output.
@@ -170,6 +170,11 @@ class SurgFusionNet(nn.Module):
       frozen_branch_train: in phase 'fusion' with train=True, run the frozen branches in
         train mode (BatchNorm batch statistics, updated running averages, branch dropout),
         as PAMFN's `model.train()` does; gradients stay stopped either way.
+      trainable_branches: modalities whose branch keeps training in phase 'fusion': its
+        features carry the fused loss's gradient (no stop_gradient) and it runs in train
+        mode. PAMFN leaves its third branch undetached (('mask',) in the side by side);
+        the paper freezes all (()). The optimiser must label them too
+        (`train.make_optimizer(..., trainable_branches=...)`).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
 
     Call: `model.apply(variables, inputs, valid, train=..., phase=...)` with `inputs`
@@ -201,6 +206,7 @@ class SurgFusionNet(nn.Module):
     dra_relative_eps: float = 0.0
     tau_init: float = 10.0
     frozen_branch_train: bool = False
+    trainable_branches: Sequence[str] = ()
     dtype: layers.Dtype = jnp.float32
 
     def _check(self, inputs: Mapping[str, Array], phase: str) -> None:
@@ -214,6 +220,11 @@ class SurgFusionNet(nn.Module):
             raise KeyError(f"SurgFusionNet: inputs lack modalities {missing} (model "
                            f"modalities {tuple(self.modalities)}, inputs {sorted(inputs)}); "
                            "prepare them or drop them from the config's `modalities`.")
+        unknown = [m for m in self.trainable_branches if m not in self.modalities]
+        if unknown:
+            raise ValueError(f"SurgFusionNet.trainable_branches {unknown} are not among the "
+                             f"model's modalities {tuple(self.modalities)} (config field "
+                             "`model.trainable_branches`).")
         shapes = {m: tuple(inputs[m].shape[:2]) for m in self.modalities}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"SurgFusionNet: modalities disagree in [batch, time]: {shapes}.")
@@ -232,11 +243,13 @@ class SurgFusionNet(nn.Module):
         if phase in ("fusion", "all"):
             stages, valids = [], None
             for m, branch in branches.items():
+                trainable = m in self.trainable_branches
                 # Frozen branch: no gradient; running BN statistics and no dropout unless
-                # `frozen_branch_train`.
-                _, feats, valids = branch(inputs[m], valid,
-                                          train=train and self.frozen_branch_train)
-                stages.append([jax.lax.stop_gradient(x) for x in feats])
+                # `frozen_branch_train`. A trainable one runs as in phase 'unimodal'.
+                _, feats, valids = branch(
+                    inputs[m], valid, train=train and (trainable or self.frozen_branch_train))
+                stages.append(list(feats) if trainable
+                              else [jax.lax.stop_gradient(x) for x in feats])
             attention = AttentionSettings(self.attention_dropout, self.broadcast_dropout,
                                           self.attention_output_projection,
                                           self.alpha_bias_init, self.gumbel_at_test,

@@ -69,6 +69,7 @@ _MODEL_FIELDS = {
     "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
     "attention_output_projection": bool, "alpha_bias_init": float, "gumbel_at_test": bool,
     "tau_init": float, "frozen_branch_train": bool, "dra_relative_eps": float,
+    "trainable_branches": tuple,
 }
 
 
@@ -111,12 +112,17 @@ def abstract_variables(model: SurgFusionNet, feature_dim: int, length: int = 8) 
                           jax.random.PRNGKey(0))
 
 
-def param_labels(params: Any, phase: str) -> Any:
-    """'train' / 'head' / 'frozen' per parameter for `phase` (see module docstring)."""
+def param_labels(params: Any, phase: str, trainable_branches: Sequence[str] = ()) -> Any:
+    """'train' / 'head' / 'frozen' per parameter for `phase` (see module docstring); in
+    phase 'fusion' the `trainable_branches` train too (their unused regression heads not)."""
+    trainable = {f"branch_{m}" for m in trainable_branches}
+
     def label(path, _):
         top = path[0].key
         if phase == "unimodal":
             return "train" if top.startswith("branch_") else "frozen"
+        if top in trainable:
+            return "frozen" if path[1].key == "head" else "train"
         if top != "fusion":
             return "frozen"
         return "head" if any("head" in str(getattr(k, "key", "")).lower() for k in path[1:]) \
@@ -139,8 +145,12 @@ def learning_rate_schedule(cfg: Mapping[str, Any]):
                                        alpha=float(cfg["end_learning_rate"]) / peak)
 
 
-def make_optimizer(phase: str, cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-    """The optimizer of `phase` from `config.unimodal` / `config.fusion` (module docstring).
+def make_optimizer(phase: str, cfg: Mapping[str, Any], trainable_branches: Sequence[str] = ()
+                   ) -> optax.GradientTransformation:
+    """The optimizer of `phase` from `config.unimodal` / `config.fusion` (module docstring);
+    in phase 'fusion' it also trains the branches of `trainable_branches` (config field
+    `model.trainable_branches`, which the model must be built with too), at the fusion
+    rate and weight decay, as PAMFN's AdamW does with its undetached branch.
 
     The learning rate is an injected hyperparameter (`optax.inject_hyperparams`), set by
     `create_train_state` and at the start of each epoch by `train_epoch`, so neither the
@@ -152,11 +162,13 @@ def make_optimizer(phase: str, cfg: Mapping[str, Any]) -> optax.GradientTransfor
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
     keys = ("weight_decay", "grad_clip")
     keys += ("momentum", "clip_per_branch") if phase == "unimodal" else ("head_lr_factor",)
-    return _make_optimizer(phase, tuple((k, float(cfg.get(k) or 0)) for k in keys))
+    trainable = tuple(trainable_branches or ()) if phase == "fusion" else ()
+    return _make_optimizer(phase, tuple((k, float(cfg.get(k) or 0)) for k in keys), trainable)
 
 
 @functools.lru_cache(maxsize=64)
-def _make_optimizer(phase: str, items: tuple) -> optax.GradientTransformation:
+def _make_optimizer(phase: str, items: tuple, trainable_branches: tuple = ()
+                    ) -> optax.GradientTransformation:
     cfg = dict(items)
 
     clip = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
@@ -178,7 +190,8 @@ def _make_optimizer(phase: str, items: tuple) -> optax.GradientTransformation:
             head = optax.adamw(learning_rate * cfg["head_lr_factor"],
                                weight_decay=cfg["weight_decay"])
         tx = optax.multi_transform({"train": train, "head": head, "frozen": optax.set_to_zero()},
-                                   functools.partial(param_labels, phase=phase))
+                                   functools.partial(param_labels, phase=phase,
+                                                     trainable_branches=trainable_branches))
         return optax.chain(*clip, tx)
 
     return optax.inject_hyperparams(build)(learning_rate=0.0)  # see create_train_state
