@@ -125,3 +125,33 @@ def test_cli_errors_name_the_fix(run, tmp_path):
                              capture_output=True, text=True, env=env)
     assert no_data.returncode == 2 and "data_prep.prepare" in no_data.stderr
     assert "Traceback" not in no_data.stderr
+
+
+def test_fit_gap_scores_train_and_test_videos_of_each_fold(run):
+    """benchmarks/fit_gap.py: per fold, the fused model's SCC on its training and on its
+    test videos, against scipy on the unpadded reference predictions."""
+    import importlib.util
+    from scipy import stats
+    spec = importlib.util.spec_from_file_location(
+        "fit_gap", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks", "fit_gap.py"))
+    fit_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_gap)
+    report = fit_gap.fit_gap(run["workdir"])
+    assert set(report["heads"]) == {"fused"}  # the fake run has fusion checkpoints only
+    scores = np.array([10.0 + i for i in range(N)])
+    ids = [f"vid{i}" for i in range(N)]
+    want = []
+    for fold in run["folds"]:
+        pred = run["reference"]("toy", fold.name)
+        tr = [ids.index(v) for v in fold.train]
+        te = [ids.index(v) for v in fold.test]
+        want.append((stats.spearmanr(pred[tr], scores[tr])[0],
+                     stats.spearmanr(pred[te], scores[te])[0]))
+    got = report["heads"]["fused"]["members"]
+    assert [m["member"] for m in got] == [f.name for f in run["folds"]]
+    for (tr, te), m in zip(want, got):
+        assert m["train_scc"] == pytest.approx(tr, abs=1e-9)
+        assert m["test_scc"] == pytest.approx(te, abs=1e-9)
+    assert report["heads"]["fused"]["gap"] == pytest.approx(
+        np.mean([w[0] for w in want]) - np.mean([w[1] for w in want]), abs=1e-9)
