@@ -57,7 +57,8 @@ loaded 2-core machine PyTorch's default threads made one PAMFN fold take 467 s i
 
 `--workdir` keeps the generated data, the export, PAMFN's raw output
 (`pamfn_output.json`) and our runs (`ours-<preset>/`, with results.json); a second call
-with the same workdir resumes our runs (PAMFN's side always retrains).
+with the same workdir resumes our runs; PAMFN's side retrains unless `--reuse_pamfn` (then
+its output there is reused when made with the same settings and data).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import runpy
@@ -145,6 +147,9 @@ _MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown output (else stderr)
 _BASELINE = flags.DEFINE_string(
     "baseline", None, "Also pair every other model with this one of ours (a preset or "
     "--variant label): the per-switch table (a variant against its preset).")
+_REUSE_PAMFN = flags.DEFINE_bool(
+    "reuse_pamfn", False, "Reuse PAMFN's output in --workdir when it was made with the same "
+    "settings and data (else an error); its timings are then those of that earlier run.")
 _HISTORIES = flags.DEFINE_bool("histories", False, "Include every fold's per-epoch history.")
 
 
@@ -233,6 +238,23 @@ def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
     if _EMBED.value != 512:
         raise ParityError("--embed_features: PAMFN's BaseModel fixes the embedding at 512; "
                           "other widths compare only with --skip_pamfn.")
+    # What the output depends on: the arguments (threads aside) and the exported input.
+    digest = hashlib.sha256()
+    with np.load(npz) as arrays:  # the contents: the zip's own bytes carry timestamps
+        for name in sorted(arrays.files):
+            digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    key = {"args": [a for a in cmd[2:] if not a.startswith("--threads=")],
+           "input_sha256": digest.hexdigest()}
+    key_file = out + ".key.json"
+    if _REUSE_PAMFN.value and os.path.exists(out):
+        saved = json.load(open(key_file)) if os.path.exists(key_file) else None
+        if saved != key:
+            raise ParityError(f"--reuse_pamfn: {out} was made with other settings or data "
+                              f"than this call's; drop --reuse_pamfn to retrain PAMFN.")
+        with open(out) as f:
+            report = json.load(f)
+        report["reused"] = True  # its timings are from the run that wrote it
+        return report
     t0 = time.perf_counter()
     done = subprocess.run(cmd, check=False)  # its progress goes to our stderr
     if done.returncode:
@@ -241,6 +263,10 @@ def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
         report = json.load(f)
     report["command"] = shlex.join(cmd)
     report["process_wall_s"] = time.perf_counter() - t0
+    with open(out, "w") as f:  # keeps the command and wall time for a reuse
+        json.dump(report, f)
+    with open(key_file, "w") as f:
+        json.dump(key, f)
     return report
 
 

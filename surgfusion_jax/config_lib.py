@@ -140,6 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.embed_dropout = 0.3  # branch embedding (PAMFN BaseModel)
     config.model.branch_head_dropout = 0.5  # branch head (PAMFN drop_rate)
     config.model.feature_dropout = 0.5  # frozen features into fusion (PAMFN feat_drop)
+    # whole modalities dropped per sample in fusion training (ours; models/surgfusion.py)
+    config.model.modality_dropout = 0.0
     config.model.head_dropout = 0.0  # fusion head input (PAMFN fc_drop)
     config.model.head_hidden_dropout = 0.5  # fusion head hidden (PAMFN)
     config.model.head_hidden_ratio = 2  # fusion head width = features / this (PAMFN fc_r)

@@ -110,6 +110,7 @@ class FusionBranch(nn.Module):
     fusion: str = "dra"
     use_dfb: bool = True
     feature_dropout: float = 0.5
+    modality_dropout: float = 0.0
     head_dropout: float = 0.0
     head_hidden_dropout: float = 0.5
     head_hidden_ratio: int = 2
@@ -123,6 +124,8 @@ class FusionBranch(nn.Module):
         """stages: per modality [x0, x1, x2, x3]; valids: their masks. Returns [B]."""
         drop = nn.Dropout(self.feature_dropout, deterministic=not train)
         feats = [[drop(x) for x in per_modality] for per_modality in stages]
+        if train and self.modality_dropout > 0 and len(feats) > 1:
+            feats = self._drop_modalities(feats)
         tau = None
         if self.use_dfb:  # learned Gumbel temperature, shared by the stages (MAQA)
             log_tau = self.param("log_tau", nn.initializers.constant(math.log(self.tau_init)),
@@ -147,6 +150,21 @@ class FusionBranch(nn.Module):
         y = nn.Dense(1, dtype=self.dtype, name="head_out")(h)
         return jax.nn.sigmoid(y[:, 0, 0].astype(jnp.float32))
 
+    def _drop_modalities(self, feats: list[list[Array]]) -> list[list[Array]]:
+        """Modality dropout (ModDrop, Neverova et al. 2015; ours, not the paper's): each
+        sample loses each modality's features with probability `modality_dropout`, never
+        all of them; the kept ones are scaled by M / (number kept), so a sample's sum over
+        modalities keeps its scale. On data this small every branch fits the training
+        videos' whole score, and the fusion branch learns to read one of them; dropping
+        whole modalities makes it use each (docs/parity.md)."""
+        batch, num = feats[0][0].shape[0], len(feats)
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.modality_dropout,
+                                    (batch, num))
+        keep = jnp.where(keep.any(axis=1, keepdims=True), keep, True)
+        scale = keep * (num / jnp.sum(keep, axis=1, keepdims=True))
+        return [[x * scale[:, m].reshape((batch,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+                 for x in per_modality] for m, per_modality in enumerate(feats)]
+
 
 class SurgFusionNet(nn.Module):
     """SurgFusion-Net.
@@ -161,6 +179,8 @@ class SurgFusionNet(nn.Module):
       embed_features: hidden width of the branch embeddings (512).
       embed_dropout, branch_head_dropout: unimodal-branch dropouts (0.3, 0.5).
       feature_dropout: dropout on the frozen unimodal features fed to fusion (0.5).
+      modality_dropout: probability of dropping all features of a modality per sample in
+        fusion training (0: off, the paper and PAMFN; `FusionBranch._drop_modalities`).
       head_dropout, head_hidden_dropout: fusion-head dropouts (0.0 = MAQA's fc_drop, 0.5).
       head_hidden_ratio: the fusion head's hidden width is features // this (2, MAQA's fc_r).
       attention_dropout: attention-weight dropout in CSFB/DFB (0.1, MAQA).
@@ -195,6 +215,7 @@ class SurgFusionNet(nn.Module):
     embed_dropout: float = 0.3
     branch_head_dropout: float = 0.5
     feature_dropout: float = 0.5
+    modality_dropout: float = 0.0
     head_dropout: float = 0.0
     head_hidden_dropout: float = 0.5
     head_hidden_ratio: int = 2
@@ -256,9 +277,9 @@ class SurgFusionNet(nn.Module):
                                           self.dra_relative_eps)
             out["fused"] = FusionBranch(
                 self.features, self.num_candidates, self.num_heads, self.fusion, self.use_dfb,
-                self.feature_dropout, self.head_dropout, self.head_hidden_dropout,
-                self.head_hidden_ratio, attention, self.tau_init, dtype=self.dtype,
-                name="fusion")(stages, valids, train=train)
+                self.feature_dropout, self.modality_dropout, self.head_dropout,
+                self.head_hidden_dropout, self.head_hidden_ratio, attention, self.tau_init,
+                dtype=self.dtype, name="fusion")(stages, valids, train=train)
         if phase in ("unimodal", "all"):
             for m, branch in branches.items():
                 out[m], _, _ = branch(inputs[m], valid, train=train)

@@ -65,7 +65,7 @@ class TrainState(train_state.TrainState):
 _MODEL_FIELDS = {
     "features": int, "embed_features": int, "num_candidates": int, "num_heads": int,
     "fusion": str, "use_dfb": bool, "embed_dropout": float, "branch_head_dropout": float,
-    "feature_dropout": float, "head_dropout": float, "head_hidden_dropout": float,
+    "feature_dropout": float, "modality_dropout": float, "head_dropout": float, "head_hidden_dropout": float,
     "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
     "attention_output_projection": bool, "alpha_bias_init": float, "gumbel_at_test": bool,
     "tau_init": float, "frozen_branch_train": bool, "dra_relative_eps": float,

@@ -276,3 +276,36 @@ def test_input_errors_are_reported():
     bad = {"rgb": x["rgb"], "flow": x["rgb"][:, :5]}
     with pytest.raises(ValueError, match="disagree"):
         trace(model, bad, phase="all")
+
+
+def test_modality_dropout_drops_whole_modalities_and_keeps_the_scale(setup):
+    """`model.modality_dropout`: per sample each modality's features (every stage) are
+    either all zero or all scaled by M / kept, never all dropped; the drop rate matches p
+    (all-dropped draws kept whole: P = p + p^M (1 - p)... counted exactly below)."""
+    from surgfusion_jax.models.surgfusion import FusionBranch
+    p, batch, num = 0.4, 20000, 3
+    rng = np.random.default_rng(0)
+    feats = [[jnp.asarray(rng.uniform(1, 2, size=(batch, 4, 2)), jnp.float32),
+              jnp.asarray(rng.uniform(1, 2, size=(batch, 1, 2)), jnp.float32)]
+             for _ in range(num)]
+    out = FusionBranch(modality_dropout=p).apply(
+        {}, feats, method=FusionBranch._drop_modalities, rngs={"dropout": jax.random.PRNGKey(0)})
+    ratios = [[np.asarray(o[s] / f[s]).reshape(batch, -1) for s in range(2)]
+              for o, f in zip(out, feats)]  # [M][stage] -> [B, T * C]
+    scale = np.stack([r[0][:, 0] for r in ratios], axis=1)  # [B, M]
+    for m in range(num):  # one factor per sample and modality, at every stage
+        for stage in ratios[m]:
+            np.testing.assert_allclose(stage, scale[:, m:m + 1] * np.ones_like(stage),
+                                       rtol=1e-6)
+    kept = scale > 0
+    assert kept.any(axis=1).all()
+    np.testing.assert_allclose(scale.sum(axis=1), num, rtol=1e-6)
+    np.testing.assert_allclose(scale[kept], (num / kept.sum(axis=1, keepdims=True)
+                                             * np.ones_like(scale))[kept], rtol=1e-6)
+    # P(a modality dropped) = p - p^M (a draw dropping all keeps all)
+    assert abs((~kept).mean() - (p - p ** num)) < 0.01
+    model, variables, _ = setup
+    x = make_inputs(1)
+    evals = [jax.jit(functools.partial(m.apply, train=False, phase="fusion"))(variables, x)
+             ["fused"] for m in (model, model.clone(modality_dropout=p))]
+    np.testing.assert_array_equal(evals[0], evals[1])  # evaluation: no modality dropout
