@@ -10,7 +10,8 @@ targets 0.5 * score / score_max.
 Decisions:
   * Parameters a phase does not train get no update at all (`optax.multi_transform` with
     `optax.set_to_zero`, so no weight decay or momentum either): in phase (a) the fusion
-    branch, in phase (b) the branches. Phase (b) also keeps the branches' BatchNorm
+    branch, in phase (b) the branches (but those of `model.trainable_branches`, PAMFN's
+    undetached third branch, which train with the fusion optimiser). Phase (b) also keeps the branches' BatchNorm
     statistics as they were (the model runs them with running averages).
   * The cosine schedule is stepped once per epoch, like PyTorch's CosineAnnealingLR in
     MAQA: lr(e) = end + (peak - end) (1 + cos(pi e / num_epochs)) / 2 for epoch e, i.e.
