@@ -389,3 +389,16 @@ def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
 
 def optax_global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+# --- model.modality_dropout -------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,rate", [("pamfn", 0.0), ("paper", 0.0), ("recommended", 0.3)])
+def test_modality_dropout_reaches_the_fusion_branch(preset, rate):
+    """The preset's rate reaches the model built from the config (what the rate does is
+    tested against numpy in tests/models/test_surgfusion.py)."""
+    config = config_lib.get_config()
+    config.preset = preset
+    resolved = config_lib.resolve(config)
+    model = train.build_model(resolved.model, ("rgb", "flow", "mask"))
+    assert model.modality_dropout == rate
