@@ -660,6 +660,14 @@ def markdown(report: Mapping[str, Any]) -> str:
             run = t.get("ms_per_run_step", step)
             cell = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
             lines.append(f"| {model} | {ph} | {cell(step)} | {cell(run)} | {cell(t.get('wall_s'))} |")
+    rates = report["settings"].get("learning_rates") or {}
+    lines += ["", "Learning rates (ours, both phases): " + (
+        f"unimodal {rates['unimodal']:g}, fusion {rates['fusion']:g}, from PAMFN's config file."
+        if rates else "the library's defaults (no --pamfn_dir: PAMFN's config file was not "
+        "read, so they may differ from PAMFN's).")]
+    if report.get("reused_pamfn"):
+        lines.append("PAMFN's side was reused from an earlier run in the workdir "
+                     "(--reuse_pamfn): its timings are that run's.")
     v = report["versions"]
     lines += ["", f"Versions: jax {v.get('jax')}, flax {v.get('flax')}, torch {v.get('torch')}.",
               f"Command: `{report['command']}`", ""]
@@ -700,6 +708,7 @@ def run(workdir: str) -> dict[str, Any]:
         torch_report = run_pamfn(npz, os.path.join(workdir, "pamfn_output.json"), window)
         records[PAMFN] = pamfn_records(torch_report, dataset, folds, score_max)
         report["timing"][PAMFN] = pamfn_timing(torch_report)
+        report["reused_pamfn"] = bool(torch_report.get("reused"))
         report["versions"]["torch"] = torch_report["versions"]["torch"]
         report["runs"][PAMFN] = {
             "command": torch_report["command"], "pamfn_config": torch_report["pamfn_config"],
