@@ -18,16 +18,19 @@ has nothing left to learn from combining them (docs/parity.md, "Fusion gain").
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-import numpy as np
-from absl import app, flags, logging
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from surgfusion_jax import provenance
-from surgfusion_jax.evaluation import metrics
-from surgfusion_jax.io import to_jsonable
-from surgfusion_jax.training import phase as phase_lib
-from surgfusion_jax.training import runs, train
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from surgfusion_jax import provenance  # noqa: E402
+from surgfusion_jax.evaluation import metrics  # noqa: E402
+from surgfusion_jax.io import to_jsonable  # noqa: E402
+from surgfusion_jax.training import phase as phase_lib  # noqa: E402
+from surgfusion_jax.training import runs, train  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.", required=True)
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Which checkpoint.")
