@@ -2,7 +2,7 @@
 
 `data_prep.complementary` gives each modality an independent third of the score, so a
 branch can explain at most a third of it and fusion is the only way to the rest. A tiny
-model under the `recommended` preset, two seeds x four folds trained as one program, must
+model under the `recommended` preset (modality dropout off, see below), two seeds x four folds trained as one program, must
 end (final epoch: the unbiased reading) with a fused SCC above every branch's by a clear
 margin. It fails if fusion ignores modalities, if the frozen branches' features do not
 reach it, or if training stops learning.
@@ -21,6 +21,9 @@ def results(tmp_path_factory):
     complementary.write_complementary(str(root), "comp", num_videos=64, feature_dim=16,
                                       min_segments=8, max_segments=16, signal=8.0, seed=0)
     config = config_lib.get_config()  # preset 'recommended'
+    # Off here: at this tiny width (d = 16, K = 2, 2 seeds) recommended's 0.3 left the fused
+    # model only +0.078 above its best branch (docs/parity.md, "Modality dropout").
+    config.model.modality_dropout = 0.0
     config.data.data_dir, config.data.name, config.data.window = str(root), "comp", 16
     config.model.features, config.model.embed_features, config.model.num_candidates = 16, 32, 2
     config.num_seeds, config.cv.num_folds = 2, 4
