@@ -32,9 +32,14 @@ from surgfusion_jax.io import to_jsonable  # noqa: E402
 from surgfusion_jax.training import phase as phase_lib  # noqa: E402
 from surgfusion_jax.training import runs, train  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.", required=True)
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Which checkpoint.")
-_OUT = flags.DEFINE_string("out", None, "JSON output (else stdout).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defined only when run as a script, so importing `fit_gap` (the tests) adds none."""
+    flags.DEFINE_string("workdir", None, "A finished run's workdir.", required=True)
+    flags.DEFINE_enum("checkpoint", "last", ["last", "best"], "Which checkpoint.")
+    flags.DEFINE_string("out", None, "JSON output (else stdout).")
 
 
 def fit_gap(workdir: str, checkpoint: str = "last") -> dict:
@@ -72,12 +77,12 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        report = fit_gap(_WORKDIR.value, _CHECKPOINT.value)
+        report = fit_gap(FLAGS.workdir, FLAGS.checkpoint)
     except runs.MissingRunError as e:
         sys.exit(f"error: {e}")
     text = json.dumps(to_jsonable(report), indent=1)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
@@ -87,4 +92,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

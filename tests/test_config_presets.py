@@ -328,6 +328,7 @@ def test_fusion_head_moves_at_the_presets_rate(preset, factor):
 
 # --- model.trainable_branches -----------------------------------------------------------
 
+@pytest.mark.slow  # two fusion-model compiles (~27 s): make test-slow; CI budget
 def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
     """PAMFN's fusion model detaches two branches' features but not the third's, and its
     AdamW holds all parameters: under 'pamfn' one fusion step moves the mask branch (its
