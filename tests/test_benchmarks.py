@@ -47,7 +47,8 @@ def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
     assert report["folds"] == ["fold_1", "fold_2"] and report["seeds"] == [0]
     assert set(report["models"]) == {"ours-recommended"} and report["differences"] == {}
     model = report["models"]["ours-recommended"]
-    assert set(model) == {"rgb", "flow", "mask", "fused"}
+    assert set(model) == {"rgb", "flow", "mask", "fused", "branch-mean"}
+    assert set(model.pop("branch-mean")) == {"final"}  # late fusion: the last epoch only
     for head in model.values():
         assert set(head) == {"final", "paper", "best-mean"}
         for reading in head.values():
@@ -65,6 +66,8 @@ def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
     assert len(report["curves"]["ours-recommended"]["fused"]["scc"]) == 2
     md = table.read_text()
     assert "| ours-recommended | fused |" in md and "ridge (all)" in md
+    assert "| ours-recommended | branch-mean |" in md and "Fusion gain" in md
+    assert report["fusion_gain"]["ours-recommended"]["best_branch"] in ("rgb", "flow", "mask")
 
 
 def _peer_parity():
