@@ -6,8 +6,9 @@ For each member of the run (fold x seed) it restores the phase checkpoints (`run
 'unimodal' for the branches, 'fusion' for the fused model; 'last' = the final epoch, the
 unbiased protocol), predicts every video of the dataset in eval mode with the training
 engine's own stacked evaluation (`runs.evaluate`), and scores the member's training videos
-and its test videos separately (a phase without checkpoints is skipped). Prints JSON: per head, the mean over members of the train
-and test SCC and their gap, and per member the two values.
+and its test videos separately (a phase without checkpoints is skipped). Prints JSON:
+per head, the mean over members of the train and test SCC and their gap, and per member
+the two values.
 
 Why: a two-phase model trains its fusion branch on features of branches that have already
 fitted the same training videos. When a branch's training-fold SCC is near 1 its features

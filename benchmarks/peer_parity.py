@@ -89,7 +89,7 @@ from data_prep import complementary  # noqa: E402
 from surgfusion_jax import config_lib, provenance  # noqa: E402
 from surgfusion_jax.data import feature_dataset, splits  # noqa: E402
 from surgfusion_jax.evaluation import baselines, metrics, summary  # noqa: E402
-from surgfusion_jax.io import to_jsonable  # noqa: E402
+from surgfusion_jax.io import read_json, to_jsonable, write_json  # noqa: E402
 from surgfusion_jax.training import cross_validation, phase, train  # noqa: E402
 
 HEADS = ("rgb", "flow", "mask", "fused")
@@ -247,7 +247,7 @@ def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
            "input_sha256": digest.hexdigest()}
     key_file = out + ".key.json"
     if _REUSE_PAMFN.value and os.path.exists(out):
-        saved = json.load(open(key_file)) if os.path.exists(key_file) else None
+        saved = read_json(key_file) if os.path.exists(key_file) else None
         if saved != key:
             raise ParityError(f"--reuse_pamfn: {out} was made with other settings or data "
                               f"than this call's; drop --reuse_pamfn to retrain PAMFN.")
@@ -265,8 +265,7 @@ def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
     report["process_wall_s"] = time.perf_counter() - t0
     with open(out, "w") as f:  # keeps the command and wall time for a reuse
         json.dump(report, f)
-    with open(key_file, "w") as f:
-        json.dump(key, f)
+    write_json(key_file, key)
     return report
 
 

@@ -50,9 +50,7 @@ def main(argv):
              "target": jax.random.uniform(keys[-1], (b,), minval=0.1, maxval=0.5)}
     cfg = config[_PHASE.value]
     state = train.create_train_state(model, train.init_variables(model, keys[-2], f, length=t),
-                                     train.make_optimizer(_PHASE.value, cfg,
-                                                          config.model.trainable_branches),
-                                     _PHASE.value,
+                                     train.phase_optimizer(config, _PHASE.value), _PHASE.value,
                                      learning_rate=cfg.learning_rate)
     compiled = jax.jit(train.train_step).lower(state, batch, keys[0]).compile()
     scope = {m.group(1): m.group(2) for m in map(_OP.match, compiled.as_text().splitlines()) if m}

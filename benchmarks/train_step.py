@@ -6,7 +6,7 @@ r"""Train-step benchmark of the library's own training code, as JSON on stdout.
 For each phase (docs/design.md §4: 'unimodal' trains the three branches with SGD,
 'fusion' the fusion branch on the frozen branches with AdamW) it builds the model, the
 optimizer and the TrainState exactly as training does (`config_lib.get_config`,
-`train.build_model`, `train.make_optimizer`, `train.create_train_state`) and times
+`train.build_model`, `train.phase_optimizer`, `train.create_train_state`) and times
 
   step    one jitted `train.train_step` on a random batch [B, T, F] (all steps valid):
           median / mean / min ms after `--warmup` steps over `--steps`, samples/s,
@@ -96,8 +96,7 @@ def _config():
 def _state(config, model, variables, phase):
     cfg = config[phase]
     return train.create_train_state(model, jax.tree.map(jnp.copy, variables),
-                                    train.make_optimizer(phase, cfg, config.model.trainable_branches),
-                                    phase,
+                                    train.phase_optimizer(config, phase), phase,
                                     learning_rate=cfg.learning_rate,
                                     loss_alpha=config.loss_alpha)
 

@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from surgfusion_jax import config_lib
@@ -341,7 +342,7 @@ def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
     assert resolved.model.trainable_branches == ("mask",)
     model = _tiny_model(trainable_branches=resolved.model.trainable_branches)
     variables = train.init_variables(model, jax.random.PRNGKey(0), 6)
-    tx = train.make_optimizer("fusion", resolved.fusion, resolved.model.trainable_branches)
+    tx = train.phase_optimizer(resolved, "fusion")
     state = train.create_train_state(model, variables, tx, "fusion", learning_rate=1e-3,
                                      loss_alpha=1.0)
     batch = {"inputs": {m: jax.random.normal(jax.random.PRNGKey(i), (4, 8, 6)) + 1.0
@@ -370,7 +371,7 @@ def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
         return jnp.mean((out["fused"] - batch["target"]) ** 2)
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
-    clip = min(1.0, resolved.fusion.grad_clip / float(optax_global_norm(grads)))
+    clip = min(1.0, resolved.fusion.grad_clip / float(optax.global_norm(grads)))
     decay = resolved.fusion.weight_decay
     for name in ("embed1", "stage3"):
         g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads["branch_mask"][name])])
@@ -387,9 +388,6 @@ def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
         bad.init(jax.random.PRNGKey(0), {"rgb": jnp.zeros((1, 4, 6))}, phase="all")
     assert frozen.trainable_branches == ()
 
-
-def optax_global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 # --- model.modality_dropout -------------------------------------------------------------

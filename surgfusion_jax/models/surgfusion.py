@@ -15,8 +15,9 @@ Fusion branch (docs/design.md §2, after MAQA's PAMFN). With the branch stage fe
 Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
 (branches in train mode when `train`); phase='fusion' freezes the branches
 (stop_gradient on their features; BatchNorm running averages and branch dropout off
-unless `frozen_branch_train`; regression heads unused; `trainable_branches` excepted) and applies dropout `feature_dropout` to the features fed to
-the fusion branch; phase='all' returns both (use it for `init`).
+unless `frozen_branch_train`; regression heads unused; `trainable_branches` excepted) and
+applies dropout `feature_dropout` (and `modality_dropout`) to the features fed to the
+fusion branch; phase='all' returns both (use it for `init`).
 
 Everything is masked by `valid` (see `layers`): padded steps do not change any output.
 """
@@ -194,7 +195,7 @@ class SurgFusionNet(nn.Module):
         features carry the fused loss's gradient (no stop_gradient) and it runs in train
         mode. PAMFN leaves its third branch undetached (('mask',) in the side by side);
         the paper freezes all (()). The optimiser must label them too
-        (`train.make_optimizer(..., trainable_branches=...)`).
+        (`train.phase_optimizer` does, from the same config).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
 
     Call: `model.apply(variables, inputs, valid, train=..., phase=...)` with `inputs`

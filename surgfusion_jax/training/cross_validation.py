@@ -205,8 +205,7 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
                                      for m in group])
         # init_from 'last': `variables` already hold the previous phase's final states
         states = train.create_train_states(run.model, variables,
-                                           train.make_optimizer(phase_name, cfg,
-                                                              config.model.trainable_branches),
+                                           train.phase_optimizer(config, phase_name),
                                            phase_name,
                                            learning_rate=cfg.learning_rate,
                                            loss_alpha=config.loss_alpha,

@@ -232,7 +232,7 @@ def evaluate(run: RunData, group: Sequence[MemberSpec], variables: Sequence[Mapp
     `plan` defaults to the group's training plan: the union of its evaluation videos."""
     cfg = run.config[phase]
     states = train.create_train_states(run.model, train.stack(variables),
-                                       train.make_optimizer(phase, cfg), phase,
+                                       train.phase_optimizer(run.config, phase), phase,
                                        learning_rate=cfg.learning_rate,
                                        loss_alpha=run.config.loss_alpha)
     if plan is None:

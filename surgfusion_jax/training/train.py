@@ -11,8 +11,9 @@ Decisions:
   * Parameters a phase does not train get no update at all (`optax.multi_transform` with
     `optax.set_to_zero`, so no weight decay or momentum either): in phase (a) the fusion
     branch, in phase (b) the branches (but those of `model.trainable_branches`, PAMFN's
-    undetached third branch, which train with the fusion optimiser). Phase (b) also keeps the branches' BatchNorm
-    statistics as they were (the model runs them with running averages).
+    undetached third branch, which train with the fusion optimiser; `phase_optimizer`).
+    Phase (b) also keeps the frozen branches' BatchNorm statistics as they were (the
+    model runs them with running averages).
   * The cosine schedule is stepped once per epoch, like PyTorch's CosineAnnealingLR in
     MAQA: lr(e) = end + (peak - end) (1 + cos(pi e / num_epochs)) / 2 for epoch e, i.e.
     `optax.cosine_decay_schedule(peak, num_epochs, alpha=end / peak)` at the epoch index
@@ -66,8 +67,8 @@ class TrainState(train_state.TrainState):
 _MODEL_FIELDS = {
     "features": int, "embed_features": int, "num_candidates": int, "num_heads": int,
     "fusion": str, "use_dfb": bool, "embed_dropout": float, "branch_head_dropout": float,
-    "feature_dropout": float, "modality_dropout": float, "head_dropout": float, "head_hidden_dropout": float,
-    "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
+    "feature_dropout": float, "modality_dropout": float, "head_dropout": float,
+    "head_hidden_dropout": float, "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
     "attention_output_projection": bool, "alpha_bias_init": float, "gumbel_at_test": bool,
     "tau_init": float, "frozen_branch_train": bool, "dra_relative_eps": float,
     "trainable_branches": tuple,
@@ -165,6 +166,12 @@ def make_optimizer(phase: str, cfg: Mapping[str, Any], trainable_branches: Seque
     keys += ("momentum", "clip_per_branch") if phase == "unimodal" else ("head_lr_factor",)
     trainable = tuple(trainable_branches or ()) if phase == "fusion" else ()
     return _make_optimizer(phase, tuple((k, float(cfg.get(k) or 0)) for k in keys), trainable)
+
+
+def phase_optimizer(config: Mapping[str, Any], phase: str) -> optax.GradientTransformation:
+    """`make_optimizer` of `phase` for a resolved run config: its `config[phase]` section
+    and the model's `trainable_branches` (both must agree with the model built from it)."""
+    return make_optimizer(phase, config[phase], config["model"].get("trainable_branches") or ())
 
 
 @functools.lru_cache(maxsize=64)

@@ -280,8 +280,8 @@ def test_input_errors_are_reported():
 
 def test_modality_dropout_drops_whole_modalities_and_keeps_the_scale(setup):
     """`model.modality_dropout`: per sample each modality's features (every stage) are
-    either all zero or all scaled by M / kept, never all dropped; the drop rate matches p
-    (all-dropped draws kept whole: P = p + p^M (1 - p)... counted exactly below)."""
+    either all zero or all scaled by M / kept, never all dropped; a modality is dropped
+    with probability p - p^M (a draw that drops all of them keeps all)."""
     from surgfusion_jax.models.surgfusion import FusionBranch
     p, batch, num = 0.4, 20000, 3
     rng = np.random.default_rng(0)
