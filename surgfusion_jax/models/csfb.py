@@ -81,7 +81,7 @@ class CrossStageFusionBlock(nn.Module):
                              broadcast_dropout=self.broadcast_dropout,
                              output_projection=self.output_projection,
                              alpha_bias_init=self.alpha_bias_init,
-                             relative_eps=self.relative_eps, dtype=self.dtype,
-                             name="attention")
+                             relative_eps=self.relative_eps, absorb_projections=True,
+                             dtype=self.dtype, name="attention")
         s = attend(query, tokens, tokens, deterministic=not train, sow_weights=True)  # Eq. 5
         return s[..., 0, :]

@@ -217,8 +217,8 @@ class DynamicFusionBlock(nn.Module):
                              broadcast_dropout=self.broadcast_dropout,
                              output_projection=self.output_projection,
                              alpha_bias_init=self.alpha_bias_init,
-                             relative_eps=self.relative_eps, dtype=self.dtype,
-                             name="attention")
+                             relative_eps=self.relative_eps, absorb_projections=True,
+                             dtype=self.dtype, name="attention")
         f = attend(query, candidates, candidates, bias=bias, deterministic=not train,
                    sow_weights=True)  # Eqs. 7, 8, 10
         return f[..., 0, :]

@@ -64,6 +64,7 @@ from flax import linen as nn
 from flax.core import unfreeze
 from jax import lax
 
+from surgfusion_jax.models.dra_absorbed import absorbed_attention
 from surgfusion_jax.models.dra_blockwise import (  # noqa: F401  (re-exported)
     attention_scores, dispatch, fixed_alpha, mix_and_diversify, regulated_attention,
     regulated_weights)
@@ -126,6 +127,11 @@ class DRA(nn.Module):
       query_block_size: query rows per block of the memory-bounded path; None = dense.
       output_projection: False returns the concatenated heads without the output
         projection W^O (PAMFN's attention has none; needs out_features = qkv_features).
+      absorb_projections: apply W^k and W^v on the query side (`dra_absorbed`): the same
+        parameters and results to round-off, without projecting the key/value tokens,
+        which is ~kv_len times cheaper for short queries over many tokens (SurgFusion-Net's
+        DFB and CSFB: one query per time step). Dense, non-causal, Flax's default
+        attention_fn only.
 
     Call: Flax's arguments (`inputs_q, inputs_k, inputs_v, *, inputs_kv, mask,
     deterministic, dropout_rng, sow_weights`) plus `bias`, an additive float bias
@@ -174,6 +180,19 @@ class DRA(nn.Module):
     causal: bool = False
     query_block_size: int | None = None
     output_projection: bool = True
+    absorb_projections: bool = False
+
+    def _check_absorbable(self) -> None:
+        unsupported = {"decode": self.decode, "normalize_qk": self.normalize_qk,
+                       "causal": self.causal, "query_block_size": self.query_block_size,
+                       "attention_fn": self.attention_fn is not nn.dot_product_attention,
+                       "qkv_dot_general": self.qkv_dot_general or self.qkv_dot_general_cls,
+                       "qk/wv einsum": (self.qk_attn_weights_einsum_cls
+                                        or self.attn_weights_value_einsum_cls)}
+        used = [name for name, value in unsupported.items() if value]
+        if used:
+            raise ValueError(f"DRA: absorb_projections=True runs its own dense attention "
+                             f"and cannot be combined with {', '.join(used)}.")
 
     def _resolve_inputs(self, inputs_q, inputs_k, inputs_v, inputs_kv):
         """Flax's rules for the optional key/value inputs, with its errors and warnings."""
@@ -261,6 +280,8 @@ class DRA(nn.Module):
           [batch..., q_len, out_features].
         """
         check_mixing("DRA", self.mixing)
+        if self.absorb_projections:
+            self._check_absorbable()
         if self.decode:
             check_decode("DRA", self.mixing, self.diversify, self.causal)
         inputs_k, inputs_v = self._resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
@@ -278,8 +299,16 @@ class DRA(nn.Module):
             dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls)
         # [batch..., length, heads, head_dim]
         query = dense(name="query")(inputs_q)
-        key = dense(name="key")(inputs_k)
-        value = dense(name="value")(inputs_v)
+        if self.absorb_projections:  # the same parameters; the kv tokens are never projected
+            projections = {}
+            for name, tokens in (("key", inputs_k), ("value", inputs_v)):
+                layer = dense(name=name)
+                layer(jnp.zeros((1, tokens.shape[-1]), tokens.dtype))  # creates its params
+                projections[name] = layer.variables["params"]
+            key, value = inputs_k, inputs_v
+        else:
+            key = dense(name="key")(inputs_k)
+            value = dense(name="value")(inputs_v)
         if self.normalize_qk:
             ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
@@ -344,14 +373,22 @@ class DRA(nn.Module):
         dropout = None
         if not m_deterministic:
             dropout = (dropout_rng, self.dropout_rate, self.broadcast_dropout)
-        heads, weights, beta, gram = dispatch(
-            query, key, value, alpha, mixing=self.mixing, diversify=self.diversify,
-            eps=self.eps, causal=causal, q_start=q_start, gram=gram, mask=mask, bias=bias,
-            call_attention_fn=call_attention_fn, default_attention_fn=default_fn,
-            block_size=self.query_block_size, dropout=dropout,
-            keep_fp32=self.force_fp32_for_softmax, precision=self.precision,
-            qk_einsum=qk_einsum, wv_einsum=wv_einsum, sow_weights=sow_weights, owner="DRA",
-            relative_eps=self.relative_eps)
+        if self.absorb_projections:
+            heads, weights, beta = absorbed_attention(
+                query, key, value, projections["key"], projections["value"], alpha,
+                diversify=self.diversify, eps=self.eps, relative_eps=self.relative_eps,
+                mask=mask, bias=bias, dropout=dropout, keep_fp32=self.force_fp32_for_softmax,
+                precision=self.precision)
+            weights = weights if sow_weights else None
+        else:
+            heads, weights, beta, gram = dispatch(
+                query, key, value, alpha, mixing=self.mixing, diversify=self.diversify,
+                eps=self.eps, causal=causal, q_start=q_start, gram=gram, mask=mask, bias=bias,
+                call_attention_fn=call_attention_fn, default_attention_fn=default_fn,
+                block_size=self.query_block_size, dropout=dropout,
+                keep_fp32=self.force_fp32_for_softmax, precision=self.precision,
+                qk_einsum=qk_einsum, wv_einsum=wv_einsum, sow_weights=sow_weights,
+                owner="DRA", relative_eps=self.relative_eps)
         if decoding is not None and self.diversify:
             decoding[1]["gram"].value = gram
 

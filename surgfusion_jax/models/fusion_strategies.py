@@ -107,8 +107,8 @@ class ConcatFusion(nn.Module):
 def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
                 dropout_rate: float = 0.0, broadcast_dropout: bool = True,
                 output_projection: bool = True, alpha_bias_init: float = 2.0,
-                relative_eps: float = 0.0, dtype: Dtype = jnp.float32,
-                name: str | None = None) -> nn.Module:
+                relative_eps: float = 0.0, absorb_projections: bool = False,
+                dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
     """Builds the fusion module of a Table IV strategy.
 
     Args:
@@ -122,6 +122,9 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
         attention, which has none).
       alpha_bias_init: initial logit of DRA's alpha (Eq. 12; 'dra' only).
       relative_eps: DRA's rho in Eq. 15 ('dra' only; `DRA.relative_eps`, 0 = the paper).
+      absorb_projections: attention strategies compute the key/value projections on the
+        query side (`DRA.absorb_projections`: same parameters and results, fewer FLOPs
+        when there are many key/value tokens per query).
       dtype: computation dtype.
       name: module name.
 
@@ -145,4 +148,5 @@ def make_fusion(strategy: str, *, features: int, num_heads: int = 2,
                          f"{STRATEGIES} (config field `fusion`).")
     return DRA(num_heads=num_heads, qkv_features=features, out_features=features,
                dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
-               output_projection=output_projection, dtype=dtype, name=name, **kwargs)
+               output_projection=output_projection, absorb_projections=absorb_projections,
+               dtype=dtype, name=name, **kwargs)
