@@ -1,4 +1,4 @@
-"""DRA with the key and value projections moved to the query side (docs/design.md §3.9).
+"""DRA with the key and value projections moved to the query side (`DRA.absorb_projections`).
 
 Scores and outputs are linear in the key and value tokens, so for every head h
 
@@ -11,7 +11,7 @@ with x_k the unprojected key/value tokens, W_h = kernel[:, h, :] [d_in, d_h] and
 attention weights after Eqs. 13-17, the softmax and dropout. The right-hand sides never
 project the kv_len tokens: per query they cost 2 d_in d_h H + 2 H kv_len d_in instead
 of 2 kv_len d_in d_h H. The DFB attends with one query per time step over the K = 10
-FusionNet candidates, so its two projections shrink K-fold (docs/performance.md). The
+FusionNet candidates, so its two projections shrink K-fold. The
 parameters are the `key` / `value` DenseGeneral parameters of the projected form and the
 results equal it to float round-off; Eqs. 13-17 act on the same score matrix (the key
 bias term is kept: a shift of every score of a row changes Eq. 15's coefficients).
@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from surgfusion_jax.models.dra_blockwise import dropout_weights, regulated_weights
+from surgfusion_jax.models.dra_blockwise import dropout_weights, regulated_weights, scaled_query
 
 Array = jax.Array
 
@@ -52,10 +52,9 @@ def absorbed_attention(query: Array, inputs_k: Array, inputs_v: Array,
       beta [..., H]).
     """
     dtype = query.dtype
-    depth = query.shape[-1]
     w_k = key_params["kernel"].astype(dtype)
     w_v = value_params["kernel"].astype(dtype)
-    scaled = query / jnp.sqrt(depth).astype(dtype)
+    scaled = scaled_query(query)
     query_in = jnp.einsum("...qhe,dhe->...qhd", scaled, w_k, precision=precision)
     scores = jnp.einsum("...qhd,...kd->...hqk", query_in, inputs_k.astype(dtype),
                         precision=precision).astype(jnp.float32)

@@ -37,6 +37,11 @@ Einsum = Callable[..., Array]
 
 # ----------------------------------------------------------------------------- dense math
 
+def scaled_query(query: Array) -> Array:
+    """Q_h / sqrt(d_h), in the query's dtype (Flax scales the query before the product)."""
+    return query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+
+
 def attention_scores(query: Array, key: Array, precision: Any = None,
                      einsum: Einsum | None = None) -> Array:
     """Eq. 11: A+ = Q K^T / sqrt(d_h) as float32 [batch..., heads, q_len, kv_len].
@@ -44,7 +49,7 @@ def attention_scores(query: Array, key: Array, precision: Any = None,
     query, key: [batch..., length, heads, d_h]. As in Flax, the query is scaled first and
     the product is taken in the inputs' dtype (`einsum` replaces `jnp.einsum`).
     """
-    scaled = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    scaled = scaled_query(query)
     if einsum is None:
         einsum = functools.partial(jnp.einsum, precision=precision)
     return einsum("...qhd,...khd->...hqk", scaled, key).astype(jnp.float32)
