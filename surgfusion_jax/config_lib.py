@@ -48,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # models/pamfn.py PAMFN.forward: feat_a is not .detach()ed (slot A = our mask)
         "model.trainable_branches": ("mask",),
         "model.modality_dropout": 0.0,  # none
+        "model.fused_score": "fusion_head",  # PAMFN.forward returns the fusion head's output
         "unimodal.clip_per_branch": True,  # one run (and one clip) per branch
         "fusion.weight_decay": 0.01,  # torch.optim.AdamW(params, lr): the default 0.01
         "fusion.head_lr_factor": 0.1,  # pipeline.py: the regression head at lr x 0.1
@@ -66,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.frozen_branch_train": True,  # "frozen" only; BatchNorm mode silent -> PAMFN
         "model.trainable_branches": (),  # §III-B.2, §IV-B: "unimodal branches are frozen"
         "model.modality_dropout": 0.0,  # none
+        "model.fused_score": "fusion_head",  # §III-B.2, §IV-B: branch heads disabled in fusion
         "unimodal.clip_per_branch": True,  # silent -> PAMFN
         "fusion.weight_decay": 0.01,  # AdamW without a value -> PAMFN (PyTorch's default)
         "fusion.head_lr_factor": 0.1,  # silent -> PAMFN
@@ -86,6 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.trainable_branches": (),
         # measured over 10 seeds: docs/parity.md, "Modality dropout"
         "model.modality_dropout": 0.3,
+        # measured over 10 seeds: docs/parity.md, "Fused score"
+        "model.fused_score": "mean_of_heads",
         "unimodal.clip_per_branch": False,
         "fusion.weight_decay": 1e-4,
         # measured: fused MAE -0.55 +- 0.21, SCC +0.005 +- 0.045 against x0.1 (docs/parity.md)
@@ -161,6 +165,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.frozen_branch_train = _placeholder(bool)  # switch: PAMFN's train-mode BN
     # switch: branches that keep training in the fusion phase (PAMFN: its third, undetached)
     config.model.trainable_branches = _placeholder(tuple)
+    # switch: evaluation 'fused' score = the fusion head (paper) or the mean of it and the
+    # branch heads (ours; SurgFusionNet docstring, "Fused score")
+    config.model.fused_score = _placeholder(str)
 
     config.cv = ml_collections.ConfigDict()
     config.cv.scheme = "kfold"  # kfold | loso | louo

@@ -401,3 +401,16 @@ def test_modality_dropout_reaches_the_fusion_branch(preset, rate):
     resolved = config_lib.resolve(config)
     model = train.build_model(resolved.model, ("rgb", "flow", "mask"))
     assert model.modality_dropout == rate
+
+
+# --- model.fused_score ------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,readout", [("pamfn", "fusion_head"), ("paper", "fusion_head"),
+                                            ("recommended", "mean_of_heads")])
+def test_fused_score_readout_reaches_the_model(preset, readout):
+    """The preset's readout reaches the model built from the config (what it computes is
+    tested against the separate heads in tests/models/test_surgfusion.py)."""
+    config = config_lib.get_config()
+    config.preset = preset
+    model = train.build_model(config_lib.resolve(config).model, ("rgb", "flow", "mask"))
+    assert model.fused_score == readout

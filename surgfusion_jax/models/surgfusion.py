@@ -15,9 +15,18 @@ Fusion branch (docs/design.md §2, after MAQA's PAMFN). With the branch stage fe
 Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
 (branches in train mode when `train`); phase='fusion' freezes the branches
 (stop_gradient on their features; BatchNorm running averages and branch dropout off
-unless `frozen_branch_train`; regression heads unused; `trainable_branches` excepted) and
+unless `frozen_branch_train`; regression heads unused in training; `trainable_branches`
+excepted) and
 applies dropout `feature_dropout` (and `modality_dropout`) to the features fed to the
 fusion branch; phase='all' returns both (use it for `init`).
+
+Fused score. The paper's fused prediction is the fusion branch's head alone
+(`fused_score='fusion_head'`). With 'mean_of_heads' (ours) the evaluation-mode 'fused'
+score is the mean of that head and the M branch heads (late fusion over M + 1 heads);
+training is unchanged (the fused loss still reads the fusion head alone). On data this
+small the branches fit their training videos, the fusion branch is trained on those
+fitted features, and its head alone does not beat the plain mean of the branch heads;
+averaging both is the best readout measured (docs/parity.md, "Fused score").
 
 Everything is masked by `valid` (see `layers`): padded steps do not change any output.
 """
@@ -40,6 +49,8 @@ from surgfusion_jax.models.dfb import DynamicFusionBlock
 
 Array = jax.Array
 PHASES = ("unimodal", "fusion", "all")
+# How the 'fused' score is read out in evaluation (config field `model.fused_score`).
+FUSED_SCORES = ("fusion_head", "mean_of_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +202,8 @@ class SurgFusionNet(nn.Module):
       frozen_branch_train: in phase 'fusion' with train=True, run the frozen branches in
         train mode (BatchNorm batch statistics, updated running averages, branch dropout),
         as PAMFN's `model.train()` does; gradients stay stopped either way.
+      fused_score: 'fusion_head' (the paper, PAMFN) or 'mean_of_heads' (ours): the
+        evaluation-mode 'fused' score (module docstring, "Fused score").
       trainable_branches: modalities whose branch keeps training in phase 'fusion': its
         features carry the fused loss's gradient (no stop_gradient) and it runs in train
         mode. PAMFN leaves its third branch undetached (('mask',) in the side by side);
@@ -229,6 +242,7 @@ class SurgFusionNet(nn.Module):
     tau_init: float = 10.0
     frozen_branch_train: bool = False
     trainable_branches: Sequence[str] = ()
+    fused_score: str = "fusion_head"
     dtype: layers.Dtype = jnp.float32
 
     def _check(self, inputs: Mapping[str, Array], phase: str) -> None:
@@ -242,6 +256,9 @@ class SurgFusionNet(nn.Module):
             raise KeyError(f"SurgFusionNet: inputs lack modalities {missing} (model "
                            f"modalities {tuple(self.modalities)}, inputs {sorted(inputs)}); "
                            "prepare them or drop them from the config's `modalities`.")
+        if self.fused_score not in FUSED_SCORES:
+            raise ValueError(f"SurgFusionNet.fused_score must be one of {FUSED_SCORES}, got "
+                             f"{self.fused_score!r} (config field `model.fused_score`).")
         unknown = [m for m in self.trainable_branches if m not in self.modalities]
         if unknown:
             raise ValueError(f"SurgFusionNet.trainable_branches {unknown} are not among the "
@@ -263,15 +280,16 @@ class SurgFusionNet(nn.Module):
         # Fusion first: in phase 'all' it must read the running BN statistics before the
         # unimodal pass (train) updates them, so 'all' = 'fusion' + 'unimodal' exactly.
         if phase in ("fusion", "all"):
-            stages, valids = [], None
+            stages, valids, branch_scores = [], None, []
             for m, branch in branches.items():
                 trainable = m in self.trainable_branches
                 # Frozen branch: no gradient; running BN statistics and no dropout unless
                 # `frozen_branch_train`. A trainable one runs as in phase 'unimodal'.
-                _, feats, valids = branch(
+                score, feats, valids = branch(
                     inputs[m], valid, train=train and (trainable or self.frozen_branch_train))
                 stages.append(list(feats) if trainable
                               else [jax.lax.stop_gradient(x) for x in feats])
+                branch_scores.append(score)
             attention = AttentionSettings(self.attention_dropout, self.broadcast_dropout,
                                           self.attention_output_projection,
                                           self.alpha_bias_init, self.gumbel_at_test,
@@ -281,6 +299,8 @@ class SurgFusionNet(nn.Module):
                 self.feature_dropout, self.modality_dropout, self.head_dropout,
                 self.head_hidden_dropout, self.head_hidden_ratio, attention, self.tau_init,
                 dtype=self.dtype, name="fusion")(stages, valids, train=train)
+            if self.fused_score == "mean_of_heads" and not train:
+                out["fused"] = jnp.mean(jnp.stack([out["fused"]] + branch_scores), axis=0)
         if phase in ("unimodal", "all"):
             for m, branch in branches.items():
                 out[m], _, _ = branch(inputs[m], valid, train=train)

@@ -309,3 +309,26 @@ def test_modality_dropout_drops_whole_modalities_and_keeps_the_scale(setup):
     evals = [jax.jit(functools.partial(m.apply, train=False, phase="fusion"))(variables, x)
              ["fused"] for m in (model, model.clone(modality_dropout=p))]
     np.testing.assert_array_equal(evals[0], evals[1])  # evaluation: no modality dropout
+
+
+def test_mean_of_heads_averages_the_fusion_and_branch_heads_in_eval_only(setup):
+    """`model.fused_score='mean_of_heads'`: in eval the 'fused' score is the mean of the
+    fusion head (the same model with 'fusion_head') and the branch heads (phase
+    'unimodal' in eval); training reads the fusion head alone (same parameters)."""
+    model, variables, run = setup
+    x = make_inputs(4)
+    mean_model = model.clone(fused_score="mean_of_heads")
+    run_mean = make_runner(mean_model)
+    head, _ = run(variables, x, all_valid(), 0, train=False, phase="fusion")
+    branches, _ = run(variables, x, all_valid(), 0, train=False, phase="unimodal")
+    mean, _ = run_mean(variables, x, all_valid(), 0, train=False, phase="fusion")
+    expected = np.mean([np.asarray(head["fused"], np.float64)]
+                       + [np.asarray(branches[m], np.float64) for m in MODS], axis=0)
+    np.testing.assert_allclose(mean["fused"], expected, rtol=1e-6)
+    assert not np.allclose(mean["fused"], head["fused"])
+    trained = [r(variables, x, all_valid(), 3, train=True, phase="fusion")[0]["fused"]
+               for r in (run, run_mean)]
+    np.testing.assert_array_equal(trained[0], trained[1])
+    with pytest.raises(ValueError, match="model.fused_score"):
+        jax.eval_shape(lambda: make_model(fused_score="median").init(PKEY(0), x, None,
+                                                                     phase="all"))
