@@ -238,12 +238,14 @@ def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
     if _EMBED.value != 512:
         raise ParityError("--embed_features: PAMFN's BaseModel fixes the embedding at 512; "
                           "other widths compare only with --skip_pamfn.")
-    # What the output depends on: the arguments (threads aside) and the exported input.
+    # What the output depends on: the arguments and the exported input's contents (not
+    # the threads, nor where the input and output files lie: a copied workdir reuses).
     digest = hashlib.sha256()
     with np.load(npz) as arrays:  # the contents: the zip's own bytes carry timestamps
         for name in sorted(arrays.files):
             digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
-    key = {"args": [a for a in cmd[2:] if not a.startswith("--threads=")],
+    key = {"args": [a for a in cmd[2:]
+                    if not a.startswith(("--threads=", "--data=", "--out="))],
            "input_sha256": digest.hexdigest()}
     key_file = out + ".key.json"
     if _REUSE_PAMFN.value and os.path.exists(out):
