@@ -203,6 +203,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
               if seeds > 1 else "mean ± std over folds")
     if results.get("features_note"):  # the features are not the paper's backbones'
         head += [results["features_note"], ""]
+    model_config = (results.get("config") or {}).get("model") or {}
+    if model_config.get("fused_score") == "mean_of_heads":
+        head += ["Row 'fused': the mean of the fusion head and the branch heads "
+                 "(`model.fused_score = 'mean_of_heads'`); the paper reads the fusion head "
+                 "alone (`'fusion_head'`).", ""]
     head += [f"SCC: Spearman per test fold, MAE in score units; {spread}. Each column is one "
              "reading of the training history; only the unbiased ones never look at the test "
              "fold:", "", markdown_table(protocol_rows(_protocols(summary)))]

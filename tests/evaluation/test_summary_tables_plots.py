@@ -88,6 +88,10 @@ def test_write_results_files(tmp_path):
     assert "| fused | 0.8000 ± 0.1000 | 1.2500 ± 0.2500 |" in md  # (0.9+0.7)/2, (1.5+1.0)/2
     assert "| 0.8300 | 1.8200 |" in md and "## Per fold" in md
     assert sorted(os.listdir(tmp_path / "run")) == ["results.json", "results.md"]  # no temp leftovers
+    assert "mean_of_heads" not in md
+    results["config"] = {"model": {"fused_score": "mean_of_heads"}}
+    md = tables.results_markdown(summary.write_results(str(tmp_path / "run2"), results)["results"])
+    assert "Row 'fused': the mean of the fusion head and the branch heads" in md
     with pytest.raises(ValueError, match="folds"):
         summary.write_results(str(tmp_path), {"summary": {}})
 
