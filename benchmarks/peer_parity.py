@@ -133,6 +133,9 @@ _EMBED = flags.DEFINE_integer("embed_features", 512, "Branch embedding (PAMFN: 5
 _CANDIDATES = flags.DEFINE_integer("candidates", 4, "K.")
 _HEADS = flags.DEFINE_integer("heads", 1, "Attention heads (PAMFN ms_heads = cm_heads); 0: "
                               "ours per preset, PAMFN per its config file.")
+_MAX_RUNS = flags.DEFINE_integer(
+    "max_runs_per_program", 0, "Ours: train the seeds x folds in groups of at most this many "
+    "runs per program (config.max_runs_per_program; memory), 0: all as one program.")
 _SKIP_PAMFN = flags.DEFINE_bool("skip_pamfn", False, "Run only our side.")
 _PAMFN_DIR = flags.DEFINE_string("pamfn_dir", None, "Checkout of github.com/qinghuannn/PAMFN.")
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", None, "A Python with torch, einops, scipy.")
@@ -430,6 +433,7 @@ def our_config(preset: str, dataset: feature_dataset.FeatureDataset, score_max: 
         cfg.num_epochs, cfg.batch_size = epochs, _BATCH.value
     config.cv.scheme, config.cv.num_folds, config.cv.seed = "kfold", _NUM_FOLDS.value, _CV_SEED.value
     config.progress_bar = False
+    config.max_runs_per_program = _MAX_RUNS.value
     config.checkpoint_every_epochs = max(_UNI_EPOCHS.value, _FUSION_EPOCHS.value)
     config.eval_batch_size = 16
     if "csfb_plots" in config:

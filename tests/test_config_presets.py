@@ -41,7 +41,8 @@ def test_every_switch_is_a_placeholder_that_every_preset_sets():
 def test_resolve_fills_switches_and_keeps_explicit_values(preset):
     config = config_lib.get_config()
     config.preset = preset
-    config.model.init = "torch" if preset == "recommended" else "flax"
+    # an explicit value other than the preset's must win
+    config.model.init = "flax" if config_lib.PRESETS[preset]["model.init"] == "torch" else "torch"
     resolved = config_lib.resolve(config)
     for path, value in config_lib.PRESETS[preset].items():
         expected = config.model.init if path == "model.init" else value
