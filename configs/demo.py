@@ -10,8 +10,8 @@ and the run live under `demo/` in the repository (delete it to start afresh). A 
 retrain on the cached features and compiled code.
 
 Measured on 2 CPU cores: render 7 s and prep 54 s (`data_prep.synthskill_setup`, idle);
-training 5 seeds x 4 folds together took 5 min 18 s idle with this file's embedding of
-512 (`time make demo` with the features prepared, 2026-11-30; 4 min 03 s with 128).
+training 5 seeds x 4 folds together took 5 min 25 s idle with this file's embedding of
+512 (`time make demo` with the features prepared, 2026-12-01; 4 min 03 s with 128 on 2026-11-30).
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
