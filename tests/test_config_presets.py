@@ -29,6 +29,13 @@ def _get(config, path):
     return config
 
 
+def _preset_model(preset):
+    """The SurgFusionNet that training builds from the default config under `preset`."""
+    config = config_lib.get_config()
+    config.preset = preset
+    return train.build_model(config_lib.resolve(config).model, ("rgb", "flow", "mask"))
+
+
 def test_every_switch_is_a_placeholder_that_every_preset_sets():
     config = config_lib.get_config()
     for name, values in config_lib.PRESETS.items():
@@ -397,11 +404,7 @@ def test_pamfn_keeps_its_third_branch_training_in_the_fusion_phase():
 def test_modality_dropout_reaches_the_fusion_branch(preset, rate):
     """The preset's rate reaches the model built from the config (what the rate does is
     tested against numpy in tests/models/test_surgfusion.py)."""
-    config = config_lib.get_config()
-    config.preset = preset
-    resolved = config_lib.resolve(config)
-    model = train.build_model(resolved.model, ("rgb", "flow", "mask"))
-    assert model.modality_dropout == rate
+    assert _preset_model(preset).modality_dropout == rate
 
 
 # --- model.fused_score ------------------------------------------------------------------
@@ -411,7 +414,4 @@ def test_modality_dropout_reaches_the_fusion_branch(preset, rate):
 def test_fused_score_readout_reaches_the_model(preset, readout):
     """The preset's readout reaches the model built from the config (what it computes is
     tested against the separate heads in tests/models/test_surgfusion.py)."""
-    config = config_lib.get_config()
-    config.preset = preset
-    model = train.build_model(config_lib.resolve(config).model, ("rgb", "flow", "mask"))
-    assert model.fused_score == readout
+    assert _preset_model(preset).fused_score == readout

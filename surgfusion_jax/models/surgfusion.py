@@ -16,9 +16,8 @@ Two-phase training (Section IV-B): phase='unimodal' returns the branch scores
 (branches in train mode when `train`); phase='fusion' freezes the branches
 (stop_gradient on their features; BatchNorm running averages and branch dropout off
 unless `frozen_branch_train`; regression heads unused in training; `trainable_branches`
-excepted) and
-applies dropout `feature_dropout` (and `modality_dropout`) to the features fed to the
-fusion branch; phase='all' returns both (use it for `init`).
+excepted) and applies dropout `feature_dropout` (and `modality_dropout`) to the features
+fed to the fusion branch; phase='all' returns both (use it for `init`).
 
 Fused score. The paper's fused prediction is the fusion branch's head alone
 (`fused_score='fusion_head'`). With 'mean_of_heads' (ours) the evaluation-mode 'fused'

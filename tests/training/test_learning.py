@@ -3,10 +3,10 @@
 `data_prep.complementary` gives each modality an independent third of the score, so a
 branch can explain at most a third of it and fusion is the only way to the rest. A tiny
 model under the `recommended` preset (modality dropout off and Flax's initialisation, see
-below), two seeds x four
-folds trained as one program, must end (final epoch: the unbiased reading) with a fused
-SCC above every branch's by a clear margin. It fails if fusion ignores modalities, if the frozen branches' features do not
-reach it, or if training stops learning.
+below), two seeds x four folds trained as one program, must end (final epoch: the
+unbiased reading) with a fused SCC above every branch's by a clear margin. It fails if
+fusion ignores modalities, if the frozen branches' features do not reach it, or if
+training stops learning.
 """
 import numpy as np
 import pytest
