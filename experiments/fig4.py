@@ -68,7 +68,7 @@ def stage_weights(model: Any, variables: Any, sample: dict, stage: int) -> np.nd
     inputs = {m: jnp.asarray(sample[m][None], jnp.float32) for m in model.modalities}
     valid = jnp.ones((1, int(sample["num_segments"])), bool)
     weights = np.asarray(_weights_fn(model)(variables, inputs, valid)[stage - 1][0])
-    keep = np.asarray(layers.stage_valids(valid)[stage][0], bool)
+    keep = np.asarray(layers.stage_valids(valid, model.pool_odd_step)[stage][0], bool)
     return weights[keep]
 
 

@@ -49,6 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.trainable_branches": ("mask",),
         "model.modality_dropout": 0.0,  # none
         "model.fused_score": "fusion_head",  # PAMFN.forward returns the fusion head's output
+        "model.pool_odd_step": "drop",  # nn.AvgPool1d(2, 2) drops an odd last step
+        "model.bn_unbiased_running_var": True,  # nn.BatchNorm1d's running_var update
         "unimodal.clip_per_branch": True,  # one run (and one clip) per branch
         "fusion.weight_decay": 0.01,  # torch.optim.AdamW(params, lr): the default 0.01
         "fusion.head_lr_factor": 0.1,  # pipeline.py: the regression head at lr x 0.1
@@ -68,6 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.trainable_branches": (),  # §III-B.2, §IV-B: "unimodal branches are frozen"
         "model.modality_dropout": 0.0,  # none
         "model.fused_score": "fusion_head",  # §III-B.2, §IV-B: branch heads disabled in fusion
+        "model.pool_odd_step": "drop",  # silent -> PAMFN
+        "model.bn_unbiased_running_var": True,  # silent -> PAMFN
         "unimodal.clip_per_branch": True,  # silent -> PAMFN
         "fusion.weight_decay": 0.01,  # AdamW without a value -> PAMFN (PyTorch's default)
         "fusion.head_lr_factor": 0.1,  # silent -> PAMFN
@@ -90,6 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.modality_dropout": 0.3,
         # measured over 10 seeds: docs/parity.md, "Fused score"
         "model.fused_score": "mean_of_heads",
+        # ours: no step of a video is left out of the pooling (not measured against PAMFN's)
+        "model.pool_odd_step": "keep",
+        "model.bn_unbiased_running_var": False,  # Flax's BatchNorm (not measured)
         "unimodal.clip_per_branch": False,
         "fusion.weight_decay": 1e-4,
         # measured: fused MAE -0.55 +- 0.21, SCC +0.005 +- 0.045 against x0.1 (docs/parity.md)
@@ -168,6 +175,11 @@ def get_config() -> ml_collections.ConfigDict:
     # switch: evaluation 'fused' score = the fusion head (paper) or the mean of it and the
     # branch heads (ours; SurgFusionNet docstring, "Fused score")
     config.model.fused_score = _placeholder(str)
+    # switch: stride-2 pooling of an odd number of steps keeps the last one (ours) or
+    # drops it (PyTorch's AvgPool1d, PAMFN); layers.Conventions
+    config.model.pool_odd_step = _placeholder(str)
+    # switch: BatchNorm running variance from the unbiased batch variance (PyTorch, PAMFN)
+    config.model.bn_unbiased_running_var = _placeholder(bool)
 
     config.cv = ml_collections.ConfigDict()
     config.cv.scheme = "kfold"  # kfold | loso | louo

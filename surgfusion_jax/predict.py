@@ -105,7 +105,7 @@ def _videos_to_plot(scores: Sequence[float], max_plots: int | None) -> set[int]:
 def _csfb_weights(model, variables, inputs, valid):
     """CSFB weights per fusion stage ([B, T_i, M]) and the stage validity masks."""
     return (surgfusion.csfb_modality_weights(model, variables, inputs, valid),
-            layers.stage_valids(valid)[1:])
+            layers.stage_valids(valid, model.pool_odd_step)[1:])
 
 
 def _score_members(run: runs.RunData, members: Sequence[runs.MemberSpec],

@@ -415,3 +415,17 @@ def test_fused_score_readout_reaches_the_model(preset, readout):
     """The preset's readout reaches the model built from the config (what it computes is
     tested against the separate heads in tests/models/test_surgfusion.py)."""
     assert _preset_model(preset).fused_score == readout
+
+
+# --- model.pool_odd_step, model.bn_unbiased_running_var ------------------------------------
+
+@pytest.mark.parametrize("preset,odd_step,unbiased", [("pamfn", "drop", True),
+                                                      ("paper", "drop", True),
+                                                      ("recommended", "keep", False)])
+def test_pytorch_layer_conventions_reach_the_model(preset, odd_step, unbiased):
+    """The preset's pooling and BatchNorm conventions reach the model built from the
+    config (what they compute: tests/models/test_layers.py against PyTorch's AvgPool1d
+    rule and running variance, and tests/models/test_pamfn_weights.py against PAMFN's
+    own modules)."""
+    model = _preset_model(preset)
+    assert (model.pool_odd_step, model.bn_unbiased_running_var) == (odd_step, unbiased)

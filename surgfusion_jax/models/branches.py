@@ -16,6 +16,8 @@ normalisation is masked (see `layers`), so padded steps change nothing.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -33,6 +35,7 @@ class UnimodalBranch(nn.Module):
       embed_features: hidden width of the embedding (512).
       embed_dropout: dropout after the embedding (0.3, MAQA).
       head_dropout: dropout before the regression layer (0.5, MAQA's `drop_rate`).
+      conventions: PyTorch's pooling / BatchNorm conventions or ours (`layers.Conventions`).
       dtype: computation dtype; parameters are float32.
     """
 
@@ -40,6 +43,7 @@ class UnimodalBranch(nn.Module):
     embed_features: int = 512
     embed_dropout: float = 0.3
     head_dropout: float = 0.5
+    conventions: layers.Conventions = layers.Conventions()
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -65,17 +69,18 @@ class UnimodalBranch(nn.Module):
                              f"{x.shape[:2]} (the [batch, time] of x).")
         x = x.astype(self.dtype)
 
-        h = layers.ConvBNAct(self.embed_features, 1, nn.relu, dtype=self.dtype,
-                             name="embed1")(x, valid, train=train)
-        h = layers.ConvBNAct(self.features, 1, nn.relu, dtype=self.dtype,
-                             name="embed2")(h, valid, train=train)
+        conv = functools.partial(layers.ConvBNAct, kernel_size=1, activation=nn.relu,
+                                 conventions=self.conventions, dtype=self.dtype)
+        h = conv(self.embed_features, name="embed1")(x, valid, train=train)
+        h = conv(self.features, name="embed2")(h, valid, train=train)
         h = nn.Dropout(self.embed_dropout, deterministic=not train)(h)
 
         stages, valids = [h], [valid]
         for i in (1, 2, 3):
-            h = layers.ResidualConvBlock(dtype=self.dtype, name=f"stage{i}")(
-                h, valid, train=train)  # Eq. 1
-            h, valid = layers.pool(h, valid, global_pool=(i == 3))  # Eq. 2
+            h = layers.ResidualConvBlock(conventions=self.conventions, dtype=self.dtype,
+                                         name=f"stage{i}")(h, valid, train=train)  # Eq. 1
+            h, valid = layers.pool(h, valid, global_pool=(i == 3),
+                                   odd_step=self.conventions.odd_step)  # Eq. 2
             stages.append(h)
             valids.append(valid)
 

@@ -39,6 +39,7 @@ it stays positive) and passes it in here.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -80,6 +81,7 @@ class PolicyNet(nn.Module):
     num_candidates: int
     global_pool: bool = False
     noise_at_test: bool = False
+    odd_step: str = "keep"
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -88,7 +90,7 @@ class PolicyNet(nn.Module):
         x = layers.zero_invalid(jnp.concatenate(inputs, axis=-1), valid)
         logits = nn.Dense(self.num_candidates, dtype=self.dtype, name="logits")(x)
         logits, _ = layers.pool(logits.astype(jnp.float32), valid,
-                                global_pool=self.global_pool)
+                                global_pool=self.global_pool, odd_step=self.odd_step)
         if train or self.noise_at_test:
             # PAMFN samples the policy at test time too (F.gumbel_softmax in eval mode);
             # without a 'gumbel' stream at test the noise is fixed (key 0): reproducible.
@@ -111,18 +113,22 @@ class FusionNets(nn.Module):
 
     num_candidates: int
     global_pool: bool = False
+    conventions: layers.Conventions = layers.Conventions()
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: Sequence[Array], valid: Array, *, train: bool
                  ) -> tuple[Array, Array]:
         k, d, m = self.num_candidates, inputs[0].shape[-1], len(inputs)
+        conv = functools.partial(layers.ConvBNAct, activation=nn.relu,
+                                 conventions=self.conventions, dtype=self.dtype)
+        stacked_conv = functools.partial(layers.StackedConvBNAct, d, 3, nn.relu,
+                                         conventions=self.conventions, dtype=self.dtype)
         stacked = jnp.stack(inputs, axis=-2)  # [B, T, M, d]
         batch_time = stacked.shape[:2]
         # Per-modality weight nets (1x1 conv + BN + ReLU + 1x1 conv to K), as grouped
         # convolutions: group m holds modality m's own weights.
-        h = layers.ConvBNAct(m * d, 1, nn.relu, feature_group_count=m, dtype=self.dtype,
-                             name="weights_hidden")(
+        h = conv(m * d, 1, feature_group_count=m, name="weights_hidden")(
             stacked.reshape(batch_time + (m * d,)), valid, train=train)
         logits = layers.TemporalConv(m * k, 1, feature_group_count=m, use_bias=True,
                                      dtype=self.dtype, name="weights_out")(h)
@@ -133,14 +139,13 @@ class FusionNets(nn.Module):
         # then one plain product per convolution (layers.StackedConvBNAct), with the
         # parameters of a K-group convolution.
         mixed = jnp.einsum("btmk,btmd->kbtd", weights.astype(stacked.dtype), stacked)
-        y = layers.StackedConvBNAct(d, 3, nn.relu, dtype=self.dtype, name="ffn1")(
-            mixed, valid, train=train)
-        y = layers.StackedConvBNAct(d, 3, nn.relu, dtype=self.dtype, name="ffn2")(
-            y, valid, train=train)
+        y = stacked_conv(name="ffn1")(mixed, valid, train=train)
+        y = stacked_conv(name="ffn2")(y, valid, train=train)
         y = layers.zero_invalid_stacked(mixed, valid) + y
         batch, length = batch_time
         out, valid_out = layers.pool(y.reshape(k * batch, length, d),
-                                     jnp.tile(valid, (k, 1)), global_pool=self.global_pool)
+                                     jnp.tile(valid, (k, 1)), global_pool=self.global_pool,
+                                     odd_step=self.conventions.odd_step)
         out = out.reshape(k, batch, out.shape[1], d).transpose(1, 2, 0, 3)  # [B, T_out, K, d]
         return out, valid_out[:batch]
 
@@ -158,6 +163,7 @@ class DynamicFusionBlock(nn.Module):
         `fusion_strategies.make_fusion`.
       global_pool: stage pooling is the global mean (stage 3) instead of stride 2.
       gumbel_at_test: Gumbel noise on the policy in eval mode too (PAMFN).
+      conventions: PyTorch's pooling / BatchNorm conventions or ours (`layers.Conventions`).
       dtype: computation dtype.
 
     Submodules: `fusion_nets`, `policy`, `query_proj`, `attention`. With the
@@ -177,6 +183,7 @@ class DynamicFusionBlock(nn.Module):
     relative_eps: float = 0.0
     global_pool: bool = False
     gumbel_at_test: bool = False
+    conventions: layers.Conventions = layers.Conventions()
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -197,15 +204,17 @@ class DynamicFusionBlock(nn.Module):
         """
         if not inputs:
             raise ValueError("DynamicFusionBlock: `inputs` needs at least one modality.")
-        candidates, _ = FusionNets(self.num_candidates, self.global_pool, dtype=self.dtype,
-                                   name="fusion_nets")(inputs, valid, train=train)
+        candidates, _ = FusionNets(self.num_candidates, self.global_pool, self.conventions,
+                                   dtype=self.dtype, name="fusion_nets")(
+            inputs, valid, train=train)
         if candidates.shape[:2] != c.shape[:2]:
             raise ValueError(
                 f"DynamicFusionBlock: pooled candidates {candidates.shape[:2]} do not match "
                 f"the fusion features {c.shape[:2]} in [batch, time]; check global_pool and "
                 "that the inputs are the stage-i inputs (one stage before the outputs).")
         y_hard, y_st = PolicyNet(self.num_candidates, self.global_pool, self.gumbel_at_test,
-                                 dtype=self.dtype, name="policy")(inputs, valid, tau=tau, train=train)
+                                 self.conventions.odd_step, dtype=self.dtype, name="policy")(
+            inputs, valid, tau=tau, train=train)
         self.sow("intermediates", "policy_choice", y_hard)
         bias = candidate_bias(y_hard, y_st)[..., None, None, :]  # [B, T, heads, q, K]
 

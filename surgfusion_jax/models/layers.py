@@ -8,7 +8,8 @@ influence anything, so every block here follows four rules:
     padding at a sample's true end sees the same zeros as an unpadded sample;
   * BatchNorm statistics (train mode) are computed over valid steps only;
   * stride-2 average pooling is a masked mean over each pair of steps (a window with
-    a single valid step returns that step; the pooled step is valid if either is);
+    a single valid step returns that step; the pooled step is valid if either is;
+    `Conventions.odd_step='drop'` instead drops it, as PyTorch's AvgPool1d(2, 2) does);
     odd lengths are padded internally with one invalid step;
   * global pooling is the masked mean over valid steps.
 
@@ -18,6 +19,7 @@ branch are clean as well.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -34,6 +36,30 @@ BN_EPSILON = 1e-5
 
 # PyTorch's nn.GELU is the exact (erf) GELU; flax defaults to the tanh approximation.
 exact_gelu = functools.partial(nn.gelu, approximate=False)
+ODD_STEPS = ("keep", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+    """Where PyTorch's layers (PAMFN's) and ours compute differently; ours by default.
+
+    Attributes:
+      odd_step: stride-2 pooling of an odd number of valid steps: 'keep' (ours) pools the
+        last step alone, 'drop' drops it, as PyTorch's AvgPool1d(2, 2) does (config field
+        `model.pool_odd_step`).
+      unbiased_running_var: BatchNorm's running variance averages the unbiased batch
+        variance (n / (n - 1) times the biased one, PyTorch) instead of the biased one
+        (Flax); the normalisation itself uses the biased one in both (config field
+        `model.bn_unbiased_running_var`).
+    """
+
+    odd_step: str = "keep"
+    unbiased_running_var: bool = False
+
+    def __post_init__(self):
+        if self.odd_step not in ODD_STEPS:
+            raise ValueError(f"odd_step must be one of {ODD_STEPS}, got {self.odd_step!r} "
+                             "(config field `model.pool_odd_step`).")
 
 
 def all_valid(x: Array) -> Array:
@@ -55,16 +81,19 @@ def pad_to_even(x: Array, valid: Array) -> tuple[Array, Array]:
     return x, valid
 
 
-def masked_avg_pool2(x: Array, valid: Array) -> tuple[Array, Array]:
+def masked_avg_pool2(x: Array, valid: Array, odd_step: str = "keep") -> tuple[Array, Array]:
     """Average pooling with window and stride 2 over valid steps (Eq. 2).
 
     Args:
       x: [B, T, C] features.
       valid: [B, T] mask.
+      odd_step: 'keep': a pair with one valid step pools to that step; 'drop': it is
+        invalid (zero), so a sequence of n valid steps pools to floor(n / 2), as PyTorch's
+        AvgPool1d(2, 2) does.
 
     Returns:
-      ([B, ceil(T/2), C] pooled features, [B, ceil(T/2)] mask: any step of the pair
-      valid). Sums run in float32; the result has the dtype of x.
+      ([B, ceil(T/2), C] pooled features, [B, ceil(T/2)] mask of the valid pooled steps).
+      Sums run in float32; the result has the dtype of x.
     """
     x, valid = pad_to_even(x, valid)
     b, t, c = x.shape
@@ -72,6 +101,8 @@ def masked_avg_pool2(x: Array, valid: Array) -> tuple[Array, Array]:
     pair_valid = valid.reshape(b, t // 2, 2, 1)
     total = jnp.sum(jnp.where(pair_valid, pairs, 0.0), axis=2)
     count = jnp.sum(pair_valid, axis=2).astype(jnp.float32)
+    if odd_step == "drop":
+        total, count = jnp.where(count == 2, total, 0.0), jnp.where(count == 2, count, 0.0)
     return (total / jnp.maximum(count, 1.0)).astype(x.dtype), count[..., 0] > 0
 
 
@@ -88,19 +119,22 @@ def masked_global_mean(x: Array, valid: Array) -> tuple[Array, Array]:
     return mean, jnp.any(valid, axis=1, keepdims=True)
 
 
-def pool(x: Array, valid: Array, *, global_pool: bool) -> tuple[Array, Array]:
+def pool(x: Array, valid: Array, *, global_pool: bool, odd_step: str = "keep"
+         ) -> tuple[Array, Array]:
     """The stage pooling: global masked mean or stride-2 masked average."""
-    return masked_global_mean(x, valid) if global_pool else masked_avg_pool2(x, valid)
+    return (masked_global_mean(x, valid) if global_pool
+            else masked_avg_pool2(x, valid, odd_step))
 
 
-def stage_valids(valid: Array) -> list[Array]:
+def stage_valids(valid: Array, odd_step: str = "keep") -> list[Array]:
     """The masks [v0, v1, v2, v3] of the four stage features for an input mask `valid`.
 
-    Lengths are T, ceil(T/2), ceil(T/4) and 1, as the branches produce them.
+    Lengths are T, ceil(T/2), ceil(T/4) and 1, as the branches produce them; `odd_step`
+    as the model's (`Conventions`).
     """
     dummy = jnp.zeros(valid.shape + (1,), jnp.float32)
-    _, v1 = masked_avg_pool2(dummy, valid)
-    _, v2 = masked_avg_pool2(dummy[:, : v1.shape[1]], v1)
+    _, v1 = masked_avg_pool2(dummy, valid, odd_step)
+    _, v2 = masked_avg_pool2(dummy[:, : v1.shape[1]], v1, odd_step)
     return [valid, v1, v2, jnp.any(valid, axis=1, keepdims=True)]
 
 
@@ -172,6 +206,7 @@ class ConvBNAct(nn.Module):
     kernel_size: int = 1
     activation: Callable[[Array], Array] = nn.relu
     feature_group_count: int = 1
+    conventions: Conventions = Conventions()
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -180,9 +215,9 @@ class ConvBNAct(nn.Module):
         x = TemporalConv(self.features, self.kernel_size,
                          feature_group_count=self.feature_group_count, dtype=self.dtype,
                          name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                         epsilon=BN_EPSILON, dtype=self.dtype, name="bn")(
-            x, mask=valid[..., None])  # statistics over valid steps only
+        # nn.BatchNorm's computation and variables, statistics over valid steps only
+        x = StackedBatchNorm(not train, unbiased_running_var=self.conventions.unbiased_running_var,
+                             dtype=self.dtype, name="bn")(x[None], valid)[0]
         return zero_invalid(self.activation(x), valid)
 
 
@@ -190,15 +225,16 @@ class ResidualConvBlock(nn.Module):
     """Unimodal residual block, Eq. 1: x + Conv(Conv(x)), Conv = conv k=3 + BN + GELU."""
 
     kernel_size: int = 3
+    conventions: Conventions = Conventions()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, valid: Array, *, train: bool) -> Array:
         features = x.shape[-1]
-        y = ConvBNAct(features, self.kernel_size, exact_gelu, dtype=self.dtype,
-                      name="conv1")(x, valid, train=train)
-        y = ConvBNAct(features, self.kernel_size, exact_gelu, dtype=self.dtype,
-                      name="conv2")(y, valid, train=train)
+        y = ConvBNAct(features, self.kernel_size, exact_gelu, conventions=self.conventions,
+                      dtype=self.dtype, name="conv1")(x, valid, train=train)
+        y = ConvBNAct(features, self.kernel_size, exact_gelu, conventions=self.conventions,
+                      dtype=self.dtype, name="conv2")(y, valid, train=train)
         return zero_invalid(x, valid) + y
 
 
@@ -210,16 +246,16 @@ class FusionResBlock(nn.Module):
     """
 
     features: int
+    conventions: Conventions = Conventions()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, valid: Array, *, train: bool) -> Array:
-        y = ConvBNAct(self.features, 3, nn.relu, dtype=self.dtype, name="conv1")(
-            x, valid, train=train)
-        y = ConvBNAct(self.features, 3, nn.relu, dtype=self.dtype, name="conv2")(
-            y, valid, train=train)
-        shortcut = ConvBNAct(self.features, 1, nn.relu, dtype=self.dtype,
-                             name="shortcut")(x, valid, train=train)
+        block = functools.partial(ConvBNAct, self.features, activation=nn.relu,
+                                  conventions=self.conventions, dtype=self.dtype)
+        y = block(kernel_size=3, name="conv1")(x, valid, train=train)
+        y = block(kernel_size=3, name="conv2")(y, valid, train=train)
+        shortcut = block(kernel_size=1, name="shortcut")(x, valid, train=train)
         return y + shortcut
 
 
@@ -263,17 +299,20 @@ class StackedTemporalConv(nn.Module):
 
 class StackedBatchNorm(nn.Module):
     """BatchNorm of K stacked nets, x [K, B, T, D], statistics per (net, channel) over
-    the valid steps of B and T.
+    the valid steps of B and T (K = 1: the BatchNorm of `ConvBNAct`).
 
     Computes what `nn.BatchNorm` computes on the same data laid out as [B, T, K * D]
     (float32 statistics, E[x^2] - E[x]^2 variance clipped at 0, running averages not
     updated while initialising), with the same variables: params `scale`, `bias` and
-    batch_stats `mean`, `var`, each [K * D], net k's at k * D ... k * D + D - 1.
+    batch_stats `mean`, `var`, each [K * D], net k's at k * D ... k * D + D - 1. With
+    `unbiased_running_var` the running variance averages n / (n - 1) times the batch
+    variance, n the number of valid steps, as PyTorch's BatchNorm1d does.
     """
 
     use_running_average: bool
     momentum: float = BN_MOMENTUM
     epsilon: float = BN_EPSILON
+    unbiased_running_var: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -292,9 +331,12 @@ class StackedBatchNorm(nn.Module):
             mean = x32.mean((1, 2), where=where)
             var = jnp.maximum(0.0, (x32 * x32).mean((1, 2), where=where) - mean * mean)
             if not self.is_initializing():
-                m = self.momentum
+                m, running_var = self.momentum, var
+                if self.unbiased_running_var:
+                    n = jnp.sum(valid).astype(jnp.float32)
+                    running_var = var * (n / jnp.maximum(n - 1.0, 1.0))
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(size)
-                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(size)
+                ra_var.value = m * ra_var.value + (1 - m) * running_var.reshape(size)
         y = x - mean[:, None, None, :]
         y = y * (jax.lax.rsqrt(var + self.epsilon)[:, None, None, :] * scale) + bias
         return y.astype(self.dtype)
@@ -311,6 +353,7 @@ class StackedConvBNAct(nn.Module):
     features: int
     kernel_size: int = 1
     activation: Callable[[Array], Array] = nn.relu
+    conventions: Conventions = Conventions()
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -318,5 +361,6 @@ class StackedConvBNAct(nn.Module):
         x = zero_invalid_stacked(x, valid)
         x = StackedTemporalConv(self.features, self.kernel_size, dtype=self.dtype,
                                 name="conv")(x)
-        x = StackedBatchNorm(not train, dtype=self.dtype, name="bn")(x, valid)
+        x = StackedBatchNorm(not train, unbiased_running_var=self.conventions.unbiased_running_var,
+                             dtype=self.dtype, name="bn")(x, valid)
         return zero_invalid_stacked(self.activation(x), valid)

@@ -90,13 +90,14 @@ class FusionStage(nn.Module):
     use_dfb: bool
     attention: AttentionSettings
     global_pool: bool
+    conventions: layers.Conventions
     dtype: layers.Dtype
 
     @nn.compact
     def __call__(self, c: Array, valid: Array, inputs: Sequence[Array], inputs_valid: Array,
                  outputs: Sequence[Array], *, tau: Array | None, train: bool) -> Array:
-        c = layers.FusionResBlock(self.features, dtype=self.dtype, name="resblock")(
-            c, valid, train=train)
+        c = layers.FusionResBlock(self.features, self.conventions, dtype=self.dtype,
+                                  name="resblock")(c, valid, train=train)
         s = CrossStageFusionBlock(self.features, self.num_heads, self.fusion,
                                   dtype=self.dtype, name="csfb",
                                   **self.attention.block_kwargs())(c, outputs, train=train)
@@ -104,7 +105,7 @@ class FusionStage(nn.Module):
             f = DynamicFusionBlock(self.features, self.num_candidates, self.num_heads,
                                    self.fusion, global_pool=self.global_pool,
                                    gumbel_at_test=self.attention.gumbel_at_test,
-                                   dtype=self.dtype, name="dfb",
+                                   conventions=self.conventions, dtype=self.dtype, name="dfb",
                                    **self.attention.block_kwargs())(
                 c, s, inputs, inputs_valid, tau=tau, train=train)
         else:  # Table III "CSFB only": a zero placeholder for the DFB output
@@ -127,6 +128,7 @@ class FusionBranch(nn.Module):
     head_hidden_ratio: int = 2
     attention: AttentionSettings = AttentionSettings()
     tau_init: float = 10.0
+    conventions: layers.Conventions = layers.Conventions()
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -148,15 +150,17 @@ class FusionBranch(nn.Module):
         for i in (1, 2, 3):
             c = FusionStage(self.features, self.num_candidates, self.num_heads, self.fusion,
                             self.use_dfb, self.attention, global_pool=(i == 3),
-                            dtype=self.dtype, name=f"stage{i}")(
+                            conventions=self.conventions, dtype=self.dtype, name=f"stage{i}")(
                 c, valid, [f[i - 1] for f in feats], valids[i - 1], [f[i] for f in feats],
                 tau=tau, train=train)
             if i < 3:
-                c, valid = layers.pool(c, valid, global_pool=(i == 2))
+                c, valid = layers.pool(c, valid, global_pool=(i == 2),
+                                       odd_step=self.conventions.odd_step)
 
         h = nn.Dropout(self.head_dropout, deterministic=not train)(c)
         h = layers.ConvBNAct(self.features // self.head_hidden_ratio, 1, nn.relu,
-                             dtype=self.dtype, name="head_hidden")(h, valid, train=train)
+                             conventions=self.conventions, dtype=self.dtype,
+                             name="head_hidden")(h, valid, train=train)
         h = nn.Dropout(self.head_hidden_dropout, deterministic=not train)(h)
         y = nn.Dense(1, dtype=self.dtype, name="head_out")(h)
         return jax.nn.sigmoid(y[:, 0, 0].astype(jnp.float32))
@@ -203,6 +207,10 @@ class SurgFusionNet(nn.Module):
         as PAMFN's `model.train()` does; gradients stay stopped either way.
       fused_score: 'fusion_head' (the paper, PAMFN) or 'mean_of_heads' (ours): the
         evaluation-mode 'fused' score (module docstring, "Fused score").
+      pool_odd_step: 'keep' (ours) or 'drop' (PyTorch's AvgPool1d, PAMFN): what stride-2
+        pooling does with the last of an odd number of steps (`layers.Conventions`).
+      bn_unbiased_running_var: BatchNorm running variances average the unbiased batch
+        variance, as PyTorch's do (PAMFN); False: the biased one, as Flax's do.
       trainable_branches: modalities whose branch keeps training in phase 'fusion': its
         features carry the fused loss's gradient (no stop_gradient) and it runs in train
         mode. PAMFN leaves its third branch undetached (('mask',) in the side by side);
@@ -242,6 +250,8 @@ class SurgFusionNet(nn.Module):
     frozen_branch_train: bool = False
     trainable_branches: Sequence[str] = ()
     fused_score: str = "fusion_head"
+    pool_odd_step: str = "keep"
+    bn_unbiased_running_var: bool = False
     dtype: layers.Dtype = jnp.float32
 
     def _check(self, inputs: Mapping[str, Array], phase: str) -> None:
@@ -271,8 +281,9 @@ class SurgFusionNet(nn.Module):
     def __call__(self, inputs: Mapping[str, Array], valid: Array | None = None, *,
                  train: bool = False, phase: str = "fusion") -> dict[str, Array]:
         self._check(inputs, phase)
+        conventions = layers.Conventions(self.pool_odd_step, self.bn_unbiased_running_var)
         branches = {m: UnimodalBranch(self.features, self.embed_features, self.embed_dropout,
-                                      self.branch_head_dropout, dtype=self.dtype,
+                                      self.branch_head_dropout, conventions, dtype=self.dtype,
                                       name=f"branch_{m}")
                     for m in self.modalities}
         out = {}
@@ -297,7 +308,7 @@ class SurgFusionNet(nn.Module):
                 self.features, self.num_candidates, self.num_heads, self.fusion, self.use_dfb,
                 self.feature_dropout, self.modality_dropout, self.head_dropout,
                 self.head_hidden_dropout, self.head_hidden_ratio, attention, self.tau_init,
-                dtype=self.dtype, name="fusion")(stages, valids, train=train)
+                conventions, dtype=self.dtype, name="fusion")(stages, valids, train=train)
             if self.fused_score == "mean_of_heads" and not train:
                 out["fused"] = jnp.mean(jnp.stack([out["fused"]] + branch_scores), axis=0)
         if phase in ("unimodal", "all"):

@@ -71,7 +71,8 @@ _MODEL_FIELDS = {
     "head_hidden_dropout": float, "head_hidden_ratio": int, "attention_dropout": float, "broadcast_dropout": bool,
     "attention_output_projection": bool, "alpha_bias_init": float, "gumbel_at_test": bool,
     "tau_init": float, "frozen_branch_train": bool, "dra_relative_eps": float,
-    "trainable_branches": tuple, "fused_score": str,
+    "trainable_branches": tuple, "fused_score": str, "pool_odd_step": str,
+    "bn_unbiased_running_var": bool,
 }
 
 

@@ -186,3 +186,68 @@ def test_stacked_conv_bn_act_is_the_grouped_conv_bn_act(kernel_size):
     chex.assert_trees_all_close(jax.grad(loss(stacked, x))(variables["params"]),
                                 jax.grad(loss(grouped, flat))(variables["params"]),
                                 atol=1e-4, rtol=1e-4)
+
+
+def test_masked_avg_pool2_drop_is_torch_avg_pool1d():
+    """odd_step='drop': n valid steps pool to floor(n / 2) pairs, as PyTorch's
+    AvgPool1d(2, 2) pools a sequence of n steps; the dropped step is invalid and zero."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 7, 4)).astype(np.float32)
+    lengths = (7, 3, 6)
+    valid = np.arange(7)[None, :] < np.array(lengths)[:, None]
+    got, got_valid = layers.masked_avg_pool2(jnp.asarray(x), jnp.asarray(valid), "drop")
+    for b, n in enumerate(lengths):
+        want = x[b, : 2 * (n // 2)].reshape(n // 2, 2, 4).mean(1)  # AvgPool1d on n steps
+        np.testing.assert_array_equal(np.asarray(got_valid[b]), np.arange(4) < n // 2)
+        np.testing.assert_allclose(got[b, : n // 2], want, rtol=1e-6, atol=1e-6)
+        assert float(jnp.abs(got[b, n // 2:]).max()) == 0.0
+    _, keep_valid = layers.masked_avg_pool2(jnp.asarray(x), jnp.asarray(valid), "keep")
+    assert bool(keep_valid[0, 3]) and not bool(got_valid[0, 3])  # the switch matters
+    v = layers.stage_valids(jnp.asarray(valid), "drop")
+    assert [int(v[2][b].sum()) for b in range(3)] == [n // 4 for n in lengths]
+
+
+def test_conventions_reject_an_unknown_odd_step():
+    with pytest.raises(ValueError, match="model.pool_odd_step"):
+        layers.Conventions(odd_step="ceil")
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_conv_bn_act_batchnorm_is_flax_batchnorm_or_torch_running_var(unbiased):
+    """ConvBNAct's BatchNorm against nn.BatchNorm itself (outputs, gradients, running
+    mean), and the running variance against Flax's (biased) or PyTorch's (unbiased,
+    n / (n - 1) over the n valid steps) batch variance."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4)).astype(np.float32))
+    valid = jnp.asarray(np.arange(5)[None, :] < np.array([5, 4, 2])[:, None])
+    block = layers.ConvBNAct(6, 3, conventions=layers.Conventions(unbiased_running_var=unbiased))
+    variables = block.init(jax.random.key(0), x, valid, train=False)
+    params = jax.tree.map(lambda p: p + 0.1, variables["params"])
+
+    def ours(params):
+        y, state = block.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               valid, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * jnp.arange(6.0)), (y, state["batch_stats"]["bn"])
+
+    def flax_reference(params):
+        h = layers.TemporalConv(6, 3).apply({"params": params["conv"]},
+                                            layers.zero_invalid(x, valid))
+        bn = nn.BatchNorm(use_running_average=False, momentum=layers.BN_MOMENTUM,
+                          epsilon=layers.BN_EPSILON)
+        y, state = bn.apply({"params": params["bn"], "batch_stats": variables["batch_stats"]["bn"]},
+                            h, mask=valid[..., None], mutable=["batch_stats"])
+        y = layers.zero_invalid(nn.relu(y), valid)
+        return jnp.sum(y * jnp.arange(6.0)), (y, state["batch_stats"], h)
+
+    (_, (y, stats)), grads = jax.value_and_grad(ours, has_aux=True)(params)
+    (_, (y_ref, stats_ref, h)), grads_ref = jax.value_and_grad(flax_reference, has_aux=True)(params)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["mean"], stats_ref["mean"], rtol=1e-5, atol=1e-7)
+    n = int(valid.sum())
+    batch_var = np.asarray(h)[np.asarray(valid)].astype(np.float64).var(0)
+    m = layers.BN_MOMENTUM
+    want = m * 1.0 + (1 - m) * batch_var * (n / (n - 1) if unbiased else 1.0)
+    np.testing.assert_allclose(stats["var"], want, rtol=1e-4)
+    if not unbiased:
+        np.testing.assert_allclose(stats["var"], stats_ref["var"], rtol=1e-5)
