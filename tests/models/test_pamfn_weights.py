@@ -112,49 +112,48 @@ def _loss_and_grads(model, variables, inputs, label, phase, head):
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
 
 
-def test_fusion_phase_step_equals_pamfns(ref):
-    """One train-mode fused forward (PAMFN's model.train(): the frozen branches' BatchNorm
-    on batch statistics, the third branch undetached), its MSE loss, the gradient of every
-    parameter and every updated running statistic."""
+def _check_train_step(ref, prefix, phase, head, branch_only=None):
+    """Our train step of `phase` against the fixture's `prefix` step: score, loss, every
+    gradient, every updated running statistic. Returns the numbers of gradients and
+    statistics compared."""
     model = _model()
     state = _sub(ref, "param/")
     template, variables = _variables(model, state)
     label = jnp.asarray(ref["label"], jnp.float32)
     (loss, (score, stats)), grads = _loss_and_grads(model, variables, _inputs(ref), label,
-                                                    "fusion", "fused")
-    np.testing.assert_allclose(score, ref["train/fused"], rtol=0, atol=5e-6)
-    np.testing.assert_allclose(loss, ref["train/loss"], rtol=1e-4)
-    want_grads = pamfn_weights.from_pamfn(dict(_sub(ref, "train/grad/"), tau_value=state["tau"]),
-                                          template, gradients=True)["params"]
+                                                    phase, head)
+    np.testing.assert_allclose(score, ref[f"{prefix}/score"], rtol=0, atol=5e-6)
+    np.testing.assert_allclose(loss, ref[f"{prefix}/loss"], rtol=1e-4)
+    if branch_only:  # a BaseModel of its own: its names lack the fusion model's prefix
+        state = {k[len("model_r."):]: v for k, v in state.items() if k.startswith("model_r.")}
+        grads, stats = ({f"branch_{branch_only}": t[f"branch_{branch_only}"]}
+                        for t in (grads, stats))
+    grad_state = _sub(ref, f"{prefix}/grad/")
+    if not branch_only:  # d/d log_tau = tau d/d tau
+        grad_state["tau_value"] = ref["param/tau"]
+    want_grads = pamfn_weights.from_pamfn(grad_state, template, gradients=True,
+                                          branch_only=branch_only)["params"]
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
-    assert _assert_trees_match(grads, want_grads, 1e-4 * scale, "grad") >= 140
-    assert set(want_grads) == {"fusion", "branch_mask"}  # PAMFN's undetached third branch
-    want_stats = pamfn_weights.from_pamfn({**state, **_sub(ref, "train/after/")}, template)
-    assert _assert_trees_match(stats, want_stats["batch_stats"], 1e-6, "batch_stats") == 86
+    want_stats = pamfn_weights.from_pamfn({**state, **_sub(ref, f"{prefix}/after/")}, template,
+                                          branch_only=branch_only)["batch_stats"]
+    return (_assert_trees_match(grads, want_grads, 1e-4 * scale, "grad"),
+            _assert_trees_match(stats, want_stats, 1e-6, "batch_stats"), set(want_grads))
+
+
+def test_fusion_phase_step_equals_pamfns(ref):
+    """One train-mode fused forward (PAMFN's model.train(): the frozen branches' BatchNorm
+    on batch statistics, the third branch undetached), its MSE loss, the gradient of every
+    parameter and every updated running statistic."""
+    num_grads, num_stats, trained = _check_train_step(ref, "train", "fusion", "fused")
+    assert (num_grads, num_stats) == (144, 86)
+    assert trained == {"fusion", "branch_mask"}  # PAMFN's undetached third branch
 
 
 def test_unimodal_phase_step_equals_pamfns(ref):
     """One BaseModel train step as phase (a) takes it: score, loss, gradients, running
     statistics (PyTorch's unbiased running variance: `model.bn_unbiased_running_var`;
     Flax's biased one differs by up to 5e-3 here, and test_layers tests both)."""
-    model = _model()
-    state = _sub(ref, "param/")
-    template, variables = _variables(model, state)
-    label = jnp.asarray(ref["label"], jnp.float32)
-    (loss, (score, stats)), grads = _loss_and_grads(model, variables, _inputs(ref), label,
-                                                    "unimodal", "rgb")
-    np.testing.assert_allclose(score, ref["branch_train/score"], rtol=0, atol=2e-6)
-    np.testing.assert_allclose(loss, ref["branch_train/loss"], rtol=1e-4)
-    want = pamfn_weights.from_pamfn(_sub(ref, "branch_train/grad/"), template,
-                                    gradients=True, branch_only="rgb")["params"]
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want))
-    assert _assert_trees_match({"branch_rgb": grads["branch_rgb"]}, want, 1e-4 * scale,
-                               "grad") == 26
-    branch_state = {k[len("model_r."):]: v for k, v in state.items() if k.startswith("model_r.")}
-    want_stats = pamfn_weights.from_pamfn({**branch_state, **_sub(ref, "branch_train/after/")},
-                                          template, branch_only="rgb")["batch_stats"]
-    assert _assert_trees_match({"branch_rgb": stats["branch_rgb"]}, want_stats, 1e-6,
-                               "batch_stats") == 16
+    assert _check_train_step(ref, "branch_train", "unimodal", "rgb", "rgb")[:2] == (26, 16)
 
 
 def test_a_state_dict_of_other_widths_is_refused_by_name(ref):
