@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 # PAMFN's modality slot -> our modality, and the prefix of its branch in the fusion model.
 SLOTS = (("V", "rgb", "model_r"), ("F", "flow", "model_f"), ("A", "mask", "model_a"))
@@ -39,9 +40,8 @@ class PamfnWeightsError(ValueError):
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:
-    """Conv1d [out, in, k] (or Linear [out, in]) -> [k, in, out]."""
-    w = np.asarray(w)
-    return (w[:, :, None] if w.ndim == 2 else w).transpose(2, 1, 0)
+    """Conv1d [out, in, k] -> [k, in, out]."""
+    return np.asarray(w).transpose(2, 1, 0)
 
 
 def _dense_kernel(w: np.ndarray) -> np.ndarray:
@@ -146,10 +146,6 @@ class _Builder:
         self.attention(ours + ("dfb", "attention"), f"{f}.fusion_f")
 
 
-def _strip(tree: dict) -> dict:
-    return {k: _strip(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
 def from_pamfn(state: Mapping[str, Any], template: Mapping[str, Any], *,
                gradients: bool = False, branch_only: str | None = None) -> dict[str, Any]:
     """PAMFN parameters (or their gradients) as our variables.
@@ -194,16 +190,14 @@ def from_pamfn(state: Mapping[str, Any], template: Mapping[str, Any], *,
     if unused:
         raise PamfnWeightsError(f"PAMFN state dict entries with no counterpart in our model: "
                                 f"{sorted(unused)[:5]}{' ...' if len(unused) > 5 else ''}.")
-    out = {"params": _strip(builder.params)}
+    out = {"params": builder.params}
     if not gradients:
-        out["batch_stats"] = _strip(builder.stats)
+        out["batch_stats"] = builder.stats
     return out
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """`base` (nested dicts) with the entries of `update` replacing its own."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(base[k], v) if isinstance(v, Mapping) and k in base else v
-    return out
-
+    flat = traverse_util.flatten_dict(base)
+    flat.update(traverse_util.flatten_dict(update))
+    return traverse_util.unflatten_dict(flat)
