@@ -52,6 +52,13 @@ A (`self.drop(_)` without `.detach()`), so the branch in slot A (our mask) keeps
 during the fusion run; and its branches run in train mode there (BatchNorm statistics and
 dropout as in training).
 
+`--init_out=<npz>` trains nothing: it writes, per seed, the state dict of the `PAMFN`
+model that seed's runs start from (keys `seed<s>/<name>`): the three branches as the
+branch runs draw them and the fusion parameters as the fusion run draws them. Every run
+reseeds right before it draws (`go`), so the draws depend on the seed only, not on the
+fold, and all three branches of a seed start from the same draws. `peer_parity.py`
+loads them into ours for `model.init_weights=pamfn`.
+
 Output JSON: versions, the resolved settings, and per seed and fold the per-epoch history
 of each branch run and of the fusion run (loss, lr, test predictions) plus timings
 (median ms per training step, wall seconds per run).
@@ -243,14 +250,56 @@ def train_run(torch, model, data: Data, train_idx, test_idx, conf: dict, epochs:
     return history, snapshot, snapshot_epoch, timing
 
 
+def new_branch(torch, pamfn, feature_dim: int, slot: str, seed: int, args, single: dict):
+    """A freshly initialised `BaseModel` for PAMFN modality slot `slot`, drawn as `go`
+    draws it: right after `setup_seed(seed)`, so every run of a seed starts alike."""
+    setup_seed(torch, seed)
+    return pamfn.BaseModel(feature_dim, args.features, single["drop_rate"], modality=slot)
+
+
+def new_fusion(torch, pamfn, ckpt_dir: str, seed: int, args, multi: dict):
+    """A `PAMFN` fusion model on the branch files in `ckpt_dir`, its own parameters drawn
+    right after `setup_seed(seed)` (the branch files do not touch the generator)."""
+    setup_seed(torch, seed)
+    load = torch.load
+
+    def load_module(*a, **kw):  # PAMFN pickles whole modules (torch >= 2.6 default differs)
+        kw.setdefault("weights_only", False)
+        return load(*a, **kw)
+
+    torch.load = load_module
+    try:
+        return pamfn.PAMFN(model_dim=args.features, fc_drop=multi["fc_drop"],
+                           fc_r=multi["fc_r"], feat_drop=multi["feat_drop"],
+                           K=args.candidates, ms_heads=args.heads or multi["ms_heads"],
+                           cm_heads=args.heads or multi["cm_heads"],
+                           ckpt_dir=ckpt_dir, rgb_ckpt_name="x", flow_ckpt_name="x",
+                           audio_ckpt_name="x", dataset_name=DATASET)
+    finally:
+        torch.load = load
+
+
+def initial_weights(torch, pamfn, feature_dim: int, seed: int, args, single: dict,
+                    multi: dict) -> dict[str, np.ndarray]:
+    """The state dict of the `PAMFN` model every run of `seed` starts from: its three
+    branches as each branch run draws them (`new_branch`) and its fusion parameters as the
+    fusion run draws them (`new_fusion`). A run's initial draws depend on the seed only
+    (every run reseeds), so this is also the start of every fold's runs."""
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        for slot, _ in SLOTS:
+            branch = new_branch(torch, pamfn, feature_dim, slot, seed, args, single)
+            torch.save(branch, os.path.join(ckpt_dir, f"{DATASET}_{FILE_NAMES[slot]}_x.pth"))
+        model = new_fusion(torch, pamfn, ckpt_dir, seed, args, multi)
+    # copies: state_dict tensors share storage with the module's parameters and buffers
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
 def run_fold(torch, pamfn, data: Data, fold, seed: int, args, single: dict, multi: dict) -> dict:
     name, train_idx, test_idx = fold
     record = {"name": name, "seed": seed, "branches": {}, "timing": {}}
     with tempfile.TemporaryDirectory() as ckpt_dir:
         for slot, ours in SLOTS:
-            setup_seed(torch, seed)
-            model = pamfn.BaseModel(data.feature_dim, args.features, single["drop_rate"],
-                                    modality=slot)
+            model = new_branch(torch, pamfn, data.feature_dim, slot, seed, args, single)
             monitor = "avg_coef" if args.branch_checkpoint == "avg_coef" else None
             history, snapshot, epoch, timing = train_run(
                 torch, model, data, train_idx, test_idx, single, args.unimodal_epochs,
@@ -265,23 +314,7 @@ def run_fold(torch, pamfn, data: Data, fold, seed: int, args, single: dict, mult
             record["branches"][ours] = {"history": history, "branch_checkpoint": which,
                                         "branch_checkpoint_epoch": epoch}
             record["timing"][f"unimodal_{ours}"] = timing
-        setup_seed(torch, seed)
-        load = torch.load
-
-        def load_module(*a, **kw):  # PAMFN pickles whole modules (torch >= 2.6 default differs)
-            kw.setdefault("weights_only", False)
-            return load(*a, **kw)
-
-        torch.load = load_module
-        try:
-            model = pamfn.PAMFN(model_dim=args.features, fc_drop=multi["fc_drop"],
-                                fc_r=multi["fc_r"], feat_drop=multi["feat_drop"],
-                                K=args.candidates, ms_heads=args.heads or multi["ms_heads"],
-                                cm_heads=args.heads or multi["cm_heads"],
-                                ckpt_dir=ckpt_dir, rgb_ckpt_name="x", flow_ckpt_name="x",
-                                audio_ckpt_name="x", dataset_name=DATASET)
-        finally:
-            torch.load = load
+        model = new_fusion(torch, pamfn, ckpt_dir, seed, args, multi)
     history, _, _, timing = train_run(torch, model, data, train_idx, test_idx, multi,
                                       args.fusion_epochs, args.batch_size, args.segments,
                                       fusion=True, monitor=None)
@@ -310,6 +343,9 @@ def main() -> None:
     parser.add_argument("--branch_checkpoint", choices=("avg_coef", "final"), default="avg_coef")
     parser.add_argument("--folds", default="", help="comma-separated fold names (default all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--init_out", default="",
+                        help="write the initial weights of every seed's runs (npz, keys "
+                             "seed<s>/<state dict name>) here instead of training")
     args = parser.parse_args()
 
     import torch
@@ -324,8 +360,16 @@ def main() -> None:
                          "reproduce; pass --branch_checkpoint=final or use RG_feats1 / "
                          "FISV_feats1.")
     data = Data(torch, args.data)
-    folds = [f for f in data.folds if not args.folds or f[0] in args.folds.split(",")]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    if args.init_out:
+        weights = {f"seed{seed}/{name}": value for seed in seeds for name, value in
+                   initial_weights(torch, pamfn, data.feature_dim, seed, args, single,
+                                   multi).items()}
+        tmp = args.init_out + ".tmp.npz"
+        np.savez_compressed(tmp, **weights)
+        os.replace(tmp, args.init_out)
+        return
+    folds = [f for f in data.folds if not args.folds or f[0] in args.folds.split(",")]
     t0 = time.perf_counter()
     records = []
     for seed in seeds:

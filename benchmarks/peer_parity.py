@@ -55,6 +55,16 @@ Both sides share the machine's cores; run nothing else beside a measurement (on 
 loaded 2-core machine PyTorch's default threads made one PAMFN fold take 467 s instead of
 ~8 s; `--torch_threads=1` limits the damage).
 
+Shared initial draws. A variant with `model.init_weights=pamfn` (e.g.
+`--variant=pamfn-shared=pamfn:model.init_weights=pamfn`) starts every run of seed s from
+the very weights PAMFN's runs of seed s start from: `pamfn_parity_torch.py --init_out`
+draws them as PAMFN's runs do, `models/pamfn_weights.from_pamfn` maps them into ours
+(`<workdir>/ours-<label>/initial_weights/seed<s>.npz`, the library's
+`model.init_weights`). Paired by seed, the two sides then differ only in their training
+streams (batch order, dropout, Gumbel noise), not in their initial draws: a like-for-like
+comparison of the training loops with less seed noise. Only preset `pamfn` and its
+variants have PAMFN's parameters; it needs `--pamfn_dir` and `--torch_python`.
+
 `--workdir` keeps the generated data, the export, PAMFN's raw output
 (`pamfn_output.json`) and our runs (`ours-<preset>/`, with results.json); a second call
 with the same workdir resumes our runs; PAMFN's side retrains unless `--reuse_pamfn` (then
@@ -84,13 +94,15 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from data_prep import complementary  # noqa: E402
 from surgfusion_jax import config_lib, provenance  # noqa: E402
 from surgfusion_jax.data import feature_dataset, splits  # noqa: E402
 from surgfusion_jax.evaluation import baselines, metrics, summary  # noqa: E402
 from surgfusion_jax.io import read_json, to_jsonable, write_json  # noqa: E402
-from surgfusion_jax.training import cross_validation, phase, train  # noqa: E402
+from surgfusion_jax.models import pamfn_weights  # noqa: E402
+from surgfusion_jax.training import cross_validation, initial_weights, phase, train  # noqa: E402
 
 HEADS = ("rgb", "flow", "mask", "fused")
 # Late fusion, no training: the mean of the three branches' final-epoch test predictions.
@@ -120,7 +132,8 @@ _PRESETS = flags.DEFINE_list("presets", ["paper", "pamfn", "recommended"], "Our 
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "One more model of ours, LABEL=PRESET:FIELD=VALUE[,FIELD=VALUE...], e.g. "
     "'pamfn+flax_init=pamfn:model.init=\'flax\'' (a preset with switches changed; values "
-    "are Python literals, bare words are strings). Reported as ours-LABEL.")
+    "are Python literals, bare words are strings). Reported as ours-LABEL. "
+    "'model.init_weights=pamfn' starts it from PAMFN's own initial weights (see above).")
 _NUM_FOLDS = flags.DEFINE_integer("num_folds", 4, "k-fold folds (without --splits).")
 _CV_SEED = flags.DEFINE_integer("cv_seed", 0, "k-fold seed (without --splits).")
 _FOLDS = flags.DEFINE_list("folds", [], "Fold names to run (default: all).")
@@ -225,22 +238,28 @@ def export_for_pamfn(path: str, dataset: feature_dataset.FeatureDataset,
 
 # --------------------------------------------------------------------------- PAMFN
 
-def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
+def pamfn_command(npz: str, out: str, window: int) -> list[str]:
+    """The command line of `pamfn_parity_torch.py` for this call's settings."""
     if not (_PAMFN_DIR.value and _TORCH_PYTHON.value):
-        raise ParityError("PAMFN's side needs --pamfn_dir=<PAMFN checkout> and "
-                          "--torch_python=<python with torch>; or pass --skip_pamfn.")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamfn_parity_torch.py")
-    seeds = ",".join(str(_FIRST_SEED.value + i) for i in range(_SEEDS.value))
-    cmd = [_TORCH_PYTHON.value, script, f"--pamfn_dir={_PAMFN_DIR.value}", f"--data={npz}",
-           f"--out={out}", f"--seeds={seeds}", f"--unimodal_epochs={_UNI_EPOCHS.value}",
-           f"--fusion_epochs={_FUSION_EPOCHS.value}", f"--batch_size={_BATCH.value}",
-           f"--segments={window}", f"--features={_FEATURES.value}",
-           f"--candidates={_CANDIDATES.value}", f"--heads={_HEADS.value}",
-           f"--pamfn_config={_PAMFN_CONFIG.value}", f"--threads={_TORCH_THREADS.value}",
-           f"--folds={','.join(_FOLDS.value)}"]
+        raise ParityError("PAMFN's side (and model.init_weights=pamfn) needs "
+                          "--pamfn_dir=<PAMFN checkout> and --torch_python=<python with "
+                          "torch>; or pass --skip_pamfn.")
     if _EMBED.value != 512:
         raise ParityError("--embed_features: PAMFN's BaseModel fixes the embedding at 512; "
                           "other widths compare only with --skip_pamfn.")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pamfn_parity_torch.py")
+    seeds = ",".join(str(_FIRST_SEED.value + i) for i in range(_SEEDS.value))
+    return [_TORCH_PYTHON.value, script, f"--pamfn_dir={_PAMFN_DIR.value}", f"--data={npz}",
+            f"--out={out}", f"--seeds={seeds}", f"--unimodal_epochs={_UNI_EPOCHS.value}",
+            f"--fusion_epochs={_FUSION_EPOCHS.value}", f"--batch_size={_BATCH.value}",
+            f"--segments={window}", f"--features={_FEATURES.value}",
+            f"--candidates={_CANDIDATES.value}", f"--heads={_HEADS.value}",
+            f"--pamfn_config={_PAMFN_CONFIG.value}", f"--threads={_TORCH_THREADS.value}",
+            f"--folds={','.join(_FOLDS.value)}"]
+
+
+def run_pamfn(npz: str, out: str, window: int) -> dict[str, Any]:
+    cmd = pamfn_command(npz, out, window)
     # What the output depends on: the arguments and the exported input's contents (not
     # the threads, nor where the input and output files lie: a copied workdir reuses).
     digest = hashlib.sha256()
@@ -451,11 +470,64 @@ def our_config(preset: str, dataset: feature_dataset.FeatureDataset, score_max: 
     return config
 
 
+def initial_weights_from_pamfn(state: Mapping[str, np.ndarray], config) -> dict[str, Any]:
+    """A PAMFN model's state dict as the variables of our model of `config` (preset
+    'pamfn' or a variant of it, at PAMFN's widths), every entry of ours covered."""
+    config = config_lib.resolve(config)
+    model = train.build_model(config.model, feature_dataset.MODALITIES)
+    template = train.abstract_variables(model, int(np.shape(state["model_r.embedding.0.weight"])[1]))
+    try:
+        variables = pamfn_weights.from_pamfn(state, template)
+    except pamfn_weights.PamfnWeightsError as e:
+        raise ParityError(f"model.init_weights=pamfn: PAMFN's weights do not fit this model "
+                          f"(preset {config.get('preset')!r}; only 'pamfn' and its variants "
+                          f"have PAMFN's parameters): {e}") from None
+    have = traverse_util.flatten_dict(variables)
+    missing = [k for k in traverse_util.flatten_dict(template) if k not in have]
+    if missing:
+        raise ParityError(f"model.init_weights=pamfn: PAMFN has no weights for "
+                          f"{'/'.join(missing[0])} (and {len(missing) - 1} more) of this model "
+                          f"(preset {config.get('preset')!r}; only 'pamfn' and its variants "
+                          f"have PAMFN's parameters).")
+    return variables
+
+
+def pamfn_initial_weights(config, workdir: str, npz: str, window: int) -> str:
+    """`model.init_weights=pamfn`: writes, per seed, the initial weights PAMFN's own runs
+    of that seed start from (`pamfn_parity_torch.py --init_out`: every PAMFN run reseeds
+    before drawing, so they depend on the seed only) in our layout under
+    `<workdir>/initial_weights/`, and returns the `{seed}` file pattern for the config."""
+    folder = os.path.join(workdir, "initial_weights")
+    pattern = os.path.join(folder, "seed{seed}.npz")
+    seeds = [_FIRST_SEED.value + i for i in range(_SEEDS.value)]
+    if all(os.path.exists(initial_weights.path_for_seed(pattern, s)) for s in seeds):
+        return pattern
+    os.makedirs(folder, exist_ok=True)
+    raw = os.path.join(folder, "pamfn_state_dicts.npz")
+    cmd = pamfn_command(npz, os.devnull, window) + [f"--init_out={raw}"]
+    done = subprocess.run(cmd, check=False)
+    if done.returncode:
+        raise RuntimeError(f"PAMFN's initial weights failed (exit {done.returncode}): "
+                           f"{shlex.join(cmd)}")
+    with np.load(raw) as arrays:
+        for seed in seeds:
+            prefix = f"seed{seed}/"
+            state = {k[len(prefix):]: arrays[k] for k in arrays.files if k.startswith(prefix)}
+            initial_weights.save(initial_weights.path_for_seed(pattern, seed),
+                                 initial_weights_from_pamfn(state, config))
+    return pattern
+
+
 def run_ours(label: str, preset: str, overrides: Mapping[str, Any], dataset, folds,
              score_max: float, window: int, root: str
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     workdir = os.path.join(root, f"ours-{label}")
     config = our_config(preset, dataset, score_max, window, workdir, overrides)
+    if config.model.get("init_weights") == PAMFN:
+        npz = os.path.join(root, "pamfn_input.npz")
+        if not os.path.exists(npz):  # --skip_pamfn: PAMFN's side did not export it
+            export_for_pamfn(npz, dataset, folds, score_max)
+        config.model.init_weights = pamfn_initial_weights(config, workdir, npz, window)
     if _FOLDS.value:
         names = [f.name for f in folds]
         config.cv.folds = tuple(names.index(n) + 1 for n in _FOLDS.value)

@@ -152,6 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.use_dfb = True
     config.model.dtype = "float32"
     config.model.init = _placeholder(str)  # switch: flax (lecun-normal) | torch (PAMFN)
+    # '' draws the initial weights (model.init); else an .npz per seed ('{seed}' in the
+    # name) to start from instead (training/initial_weights.py; the parity benchmark)
+    config.model.init_weights = ""
     config.model.embed_dropout = 0.3  # branch embedding (PAMFN BaseModel)
     config.model.branch_head_dropout = 0.5  # branch head (PAMFN drop_rate)
     config.model.feature_dropout = 0.5  # frozen features into fusion (PAMFN feat_drop)

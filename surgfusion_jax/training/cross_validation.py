@@ -41,7 +41,8 @@ from surgfusion_jax.data import feature_dataset, splits
 from surgfusion_jax.evaluation import baselines, metrics, paper_results, summary
 from surgfusion_jax.io import read_json, to_jsonable, write_json
 from surgfusion_jax.models import init_schemes
-from surgfusion_jax.training import checkpoints, phase, runs, tensorboard, train
+from surgfusion_jax.training import (checkpoints, initial_weights, phase, runs, tensorboard,
+                                     train)
 
 # Fields that may differ between a run and its resumption (they change no number).
 RUNTIME_FIELDS = ("workdir", "debug", "progress_bar", "compilation_cache_dir", "csfb_plots")
@@ -184,6 +185,18 @@ def _paper_numbers(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
         return None
 
 
+def _initial_variables(run: runs.RunData, member: runs.MemberSpec) -> dict[str, Any]:
+    """A run's starting variables: drawn from its key (`model.init`), or the file of its
+    seed when `model.init_weights` names one (`initial_weights`)."""
+    config = run.config
+    pattern = config.model.get("init_weights") or ""
+    if pattern:
+        return initial_weights.load(initial_weights.path_for_seed(pattern, member.seed),
+                                    train.abstract_variables(run.model, run.feature_dim))
+    return train.init_variables(run.model, jax.random.fold_in(member.key, 0), run.feature_dim,
+                                scheme=config.model.init)
+
+
 def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.EpochBudget
               ) -> list[dict[str, Any]]:
     """Both phases of the members of `group`, trained together as one program (each as
@@ -192,9 +205,7 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
     config, samples = run.config, run.samples
     eval_sets = [run.eval_sets(m) for m in group]
     test_ids = [[samples[i]["video_id"] for i in es["test"].indices] for es in eval_sets]
-    variables = train.stack([train.init_variables(run.model, jax.random.fold_in(m.key, 0),
-                                                  run.feature_dim, scheme=config.model.init)
-                             for m in group])
+    variables = train.stack([_initial_variables(run, m) for m in group])
     records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.train), "val": list(m.val),
                 "test": list(m.fold.test), "models": {}} for m in group]
     desc = group[0].name if len(group) == 1 else f"{len(group)} runs"

@@ -305,3 +305,21 @@ def test_runs_sharded_over_four_devices_match_one_device(data_dir, tmp_path):
             tol = (1e-5 if model != "fused" else 1e-3) * 2 * SCORE_MAX
             np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
                                        b["models"][model]["predictions"]["final"]["pred"], atol=tol)
+
+
+def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
+    """`model.init_weights`: each seed's runs start from its file, not from their draw."""
+    from surgfusion_jax.training import initial_weights, runs
+    run = runs.load_run(full_run[0])
+    member = run.members()[0]
+    drawn = cv._initial_variables(run, member)
+    shifted = jax.tree.map(lambda v: np.asarray(v) + 1.0, drawn)
+    pattern = str(tmp_path / "init_{seed}.npz")
+    initial_weights.save(initial_weights.path_for_seed(pattern, member.seed), shifted)
+    run.config.model.init_weights = pattern
+    got = cv._initial_variables(run, member)
+    for want, have in zip(jax.tree.leaves(shifted), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(have, want)
+    run.config.model.init_weights = str(tmp_path / "other_{seed}.npz")
+    with pytest.raises(initial_weights.InitialWeightsError, match="other_0.npz does not exist"):
+        cv._initial_variables(run, member)
