@@ -113,6 +113,11 @@ def _placeholder(kind: type) -> Any:
     return config_dict.placeholder(kind)
 
 
+# Fields added after runs were saved, with the value that a run saved without them had
+# (a resumed run's saved config is compared with the current one: cross_validation).
+ADDED_FIELDS = {"model.init_weights": ""}
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.workdir = ""  # empty: runs/<data.name>

@@ -114,6 +114,10 @@ def _check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> N
     current = run_config_dict(config)
     if os.path.exists(path):
         saved = read_json(path)
+        for field, default in config_lib.ADDED_FIELDS.items():  # runs saved before them
+            section, _, name = field.rpartition(".")
+            if isinstance(saved.get(section), dict):
+                saved[section].setdefault(name, default)
         if saved != current:
             diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ConfigError(f"workdir {workdir!r} holds a run with another config (differs in "

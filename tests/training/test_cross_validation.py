@@ -323,3 +323,17 @@ def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
     run.config.model.init_weights = str(tmp_path / "other_{seed}.npz")
     with pytest.raises(initial_weights.InitialWeightsError, match="other_0.npz does not exist"):
         cv._initial_variables(run, member)
+
+
+def test_a_run_saved_before_a_field_was_added_still_resumes(data_dir, tmp_path):
+    """A saved config without a field of `config_lib.ADDED_FIELDS` equals the current one
+    when the current value is that field's old default; any other value is a new config."""
+    config = default.resolve(_config(data_dir, "noise"))
+    cv._check_or_write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["init_weights"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cv._check_or_write_config(str(tmp_path), config)  # no error: the old default
+    config.model.init_weights = "/some/init_{seed}.npz"
+    with pytest.raises(cv.ConfigError, match=r"differs in \['model'\]"):
+        cv._check_or_write_config(str(tmp_path), config)
