@@ -779,6 +779,10 @@ def run(workdir: str) -> dict[str, Any]:
         "provenance": provenance.record(),
         "models": {}, "differences": {}, "timing": {}, "runs": {}}
     records: dict[str, list] = {}
+    if not pamfn_learning_rates():  # only with --skip_pamfn (else PAMFN's side needs it)
+        print("peer_parity: WARNING: no --pamfn_dir, so ours train at the library's learning "
+              "rates, not those of PAMFN's config file; pass --pamfn_dir to compare with a "
+              "PAMFN run.", file=sys.stderr, flush=True)
     if not _SKIP_PAMFN.value:
         npz = os.path.join(workdir, "pamfn_input.npz")
         export_for_pamfn(npz, dataset, folds, score_max)
