@@ -1,4 +1,5 @@
 """Smoke tests: the benchmarks run the library's own code (tiny shapes)."""
+import functools
 import json
 import os
 import subprocess
@@ -70,6 +71,7 @@ def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
     assert report["fusion_gain"]["ours-recommended"]["best_branch"] in ("rgb", "flow", "mask")
 
 
+@functools.lru_cache(maxsize=None)  # once per process: absl refuses a flag defined twice
 def _peer_parity():
     """benchmarks/peer_parity.py as a module (its absl flags are only defined, not parsed)."""
     import importlib.util
