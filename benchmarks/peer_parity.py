@@ -470,25 +470,28 @@ def our_config(preset: str, dataset: feature_dataset.FeatureDataset, score_max: 
     return config
 
 
-def initial_weights_from_pamfn(state: Mapping[str, np.ndarray], config) -> dict[str, Any]:
-    """A PAMFN model's state dict as the variables of our model of `config` (preset
-    'pamfn' or a variant of it, at PAMFN's widths), every entry of ours covered."""
-    config = config_lib.resolve(config)
-    model = train.build_model(config.model, feature_dataset.MODALITIES)
-    template = train.abstract_variables(model, int(np.shape(state["model_r.embedding.0.weight"])[1]))
+def our_template(config, feature_dim: int) -> Any:
+    """Shapes and dtypes of the variables of our model of `config` (traced, not run)."""
+    model = train.build_model(config_lib.resolve(config).model, feature_dataset.MODALITIES)
+    return train.abstract_variables(model, feature_dim)
+
+
+def initial_weights_from_pamfn(state: Mapping[str, np.ndarray], template: Any,
+                               preset: str) -> dict[str, Any]:
+    """A PAMFN model's state dict as our variables of `template` (our model's variables or
+    their shapes: preset 'pamfn' or a variant of it, at PAMFN's widths), every entry of
+    ours covered; `preset` names the model in the error."""
+    refuse = (f"model.init_weights=pamfn: PAMFN's weights do not fit this model (preset "
+              f"{preset!r}; only 'pamfn' and its variants have PAMFN's parameters)")
     try:
         variables = pamfn_weights.from_pamfn(state, template)
     except pamfn_weights.PamfnWeightsError as e:
-        raise ParityError(f"model.init_weights=pamfn: PAMFN's weights do not fit this model "
-                          f"(preset {config.get('preset')!r}; only 'pamfn' and its variants "
-                          f"have PAMFN's parameters): {e}") from None
+        raise ParityError(f"{refuse}: {e}") from None
     have = traverse_util.flatten_dict(variables)
     missing = [k for k in traverse_util.flatten_dict(template) if k not in have]
     if missing:
-        raise ParityError(f"model.init_weights=pamfn: PAMFN has no weights for "
-                          f"{'/'.join(missing[0])} (and {len(missing) - 1} more) of this model "
-                          f"(preset {config.get('preset')!r}; only 'pamfn' and its variants "
-                          f"have PAMFN's parameters).")
+        raise ParityError(f"{refuse}: PAMFN has no weights for {'/'.join(missing[0])} "
+                          f"(and {len(missing) - 1} more).")
     return variables
 
 
@@ -509,12 +512,15 @@ def pamfn_initial_weights(config, workdir: str, npz: str, window: int) -> str:
     if done.returncode:
         raise RuntimeError(f"PAMFN's initial weights failed (exit {done.returncode}): "
                            f"{shlex.join(cmd)}")
+    template = None
     with np.load(raw) as arrays:
         for seed in seeds:
             prefix = f"seed{seed}/"
             state = {k[len(prefix):]: arrays[k] for k in arrays.files if k.startswith(prefix)}
+            if template is None:  # one trace for all seeds; input width from PAMFN's layer
+                template = our_template(config, state["model_r.embedding.0.weight"].shape[1])
             initial_weights.save(initial_weights.path_for_seed(pattern, seed),
-                                 initial_weights_from_pamfn(state, config))
+                                 initial_weights_from_pamfn(state, template, config.get("preset")))
     return pattern
 
 

@@ -143,18 +143,18 @@ def test_peer_parity_starts_ours_from_pamfns_initial_weights():
     config = config_lib.get_config()
     config.preset = "pamfn"
     config.model.features, config.model.embed_features, config.model.num_candidates = 8, 512, 3
-    got = traverse_util.flatten_dict(pp.initial_weights_from_pamfn(state, config))
     rgb_in = state["model_r.embedding.0.weight"]  # [512, in, 1]
+    template = pp.our_template(config, rgb_in.shape[1])
+    got = traverse_util.flatten_dict(pp.initial_weights_from_pamfn(state, template, "pamfn"))
     np.testing.assert_array_equal(got[("params", "branch_rgb", "head", "bias")],
                                   state["model_r.fc.1.bias"])
     log_tau = got[("params", "fusion", "log_tau")]
     np.testing.assert_allclose(log_tau, np.log(state["tau"]), rtol=1e-6)
-    model = pp.train.build_model(config_lib.resolve(config).model, pp.feature_dataset.MODALITIES)
-    template = pp.train.abstract_variables(model, rgb_in.shape[1])
     assert set(got) == set(traverse_util.flatten_dict(template))
     want = traverse_util.flatten_dict(pamfn_weights.from_pamfn(state, template))
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value)
     config.preset = "recommended"
     with pytest.raises(pp.ParityError, match="init_weights=pamfn.*'recommended'"):
-        pp.initial_weights_from_pamfn(state, config)
+        pp.initial_weights_from_pamfn(state, pp.our_template(config, rgb_in.shape[1]),
+                                      config.preset)

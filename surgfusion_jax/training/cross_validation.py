@@ -189,16 +189,19 @@ def _paper_numbers(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
         return None
 
 
-def _initial_variables(run: runs.RunData, member: runs.MemberSpec) -> dict[str, Any]:
-    """A run's starting variables: drawn from its key (`model.init`), or the file of its
-    seed when `model.init_weights` names one (`initial_weights`)."""
+def _initial_variables(run: runs.RunData, group: Sequence[runs.MemberSpec]) -> list[dict]:
+    """The members' starting variables: drawn from each one's key (`model.init`), or the
+    file of its seed when `model.init_weights` names one (`initial_weights`; read once
+    per seed, checked against one traced template)."""
     config = run.config
     pattern = config.model.get("init_weights") or ""
-    if pattern:
-        return initial_weights.load(initial_weights.path_for_seed(pattern, member.seed),
-                                    train.abstract_variables(run.model, run.feature_dim))
-    return train.init_variables(run.model, jax.random.fold_in(member.key, 0), run.feature_dim,
-                                scheme=config.model.init)
+    if not pattern:
+        return [train.init_variables(run.model, jax.random.fold_in(m.key, 0), run.feature_dim,
+                                     scheme=config.model.init) for m in group]
+    template = train.abstract_variables(run.model, run.feature_dim)
+    per_seed = {seed: initial_weights.load(initial_weights.path_for_seed(pattern, seed), template)
+                for seed in dict.fromkeys(m.seed for m in group)}
+    return [per_seed[m.seed] for m in group]
 
 
 def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.EpochBudget
@@ -209,7 +212,7 @@ def run_group(run: runs.RunData, group: list[runs.MemberSpec], budget: phase.Epo
     config, samples = run.config, run.samples
     eval_sets = [run.eval_sets(m) for m in group]
     test_ids = [[samples[i]["video_id"] for i in es["test"].indices] for es in eval_sets]
-    variables = train.stack([_initial_variables(run, m) for m in group])
+    variables = train.stack(_initial_variables(run, group))
     records = [{"name": m.fold.name, "seed": m.seed, "train": list(m.train), "val": list(m.val),
                 "test": list(m.fold.test), "models": {}} for m in group]
     desc = group[0].name if len(group) == 1 else f"{len(group)} runs"

@@ -312,17 +312,17 @@ def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
     from surgfusion_jax.training import initial_weights, runs
     run = runs.load_run(full_run[0])
     member = run.members()[0]
-    drawn = cv._initial_variables(run, member)
+    drawn = cv._initial_variables(run, [member])[0]
     shifted = jax.tree.map(lambda v: np.asarray(v) + 1.0, drawn)
     pattern = str(tmp_path / "init_{seed}.npz")
     initial_weights.save(initial_weights.path_for_seed(pattern, member.seed), shifted)
     run.config.model.init_weights = pattern
-    got = cv._initial_variables(run, member)
+    got = cv._initial_variables(run, [member])[0]
     for want, have in zip(jax.tree.leaves(shifted), jax.tree.leaves(got)):
         np.testing.assert_array_equal(have, want)
     run.config.model.init_weights = str(tmp_path / "other_{seed}.npz")
     with pytest.raises(initial_weights.InitialWeightsError, match="other_0.npz does not exist"):
-        cv._initial_variables(run, member)
+        cv._initial_variables(run, [member])
 
 
 def test_a_run_saved_before_a_field_was_added_still_resumes(data_dir, tmp_path):
