@@ -39,12 +39,15 @@ lock:
 install: $(STAMP)
 
 ## Fast CPU suite (CI runs this), Beam prep included (apache-beam is in the `test` extra).
+## TEST_WORKERS pytest-xdist processes, one test file each at a time (module fixtures
+## stay in one process); the suite is bound by XLA compile time, which is single-threaded.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 ## Longer checks, kept out of CI.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile tests
 
 ## Generate SynthSkill and prep it (skipped when done), then train and evaluate under 4-fold CV.
 demo: $(STAMP)
