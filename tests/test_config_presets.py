@@ -243,9 +243,11 @@ def test_frozen_branches_update_their_statistics_only_in_train_mode(frozen_train
     variables = train.init_variables(model, jax.random.PRNGKey(0), 6)
     inputs = {m: jax.random.normal(jax.random.PRNGKey(i), (4, 8, 6)) + 3.0
               for i, m in enumerate(model.modalities)}
-    _, updates = model.apply(variables, inputs, jnp.ones((4, 8), bool), train=True,
-                             phase="fusion", mutable=["batch_stats"],
-                             rngs={"dropout": jax.random.PRNGKey(1), "gumbel": jax.random.PRNGKey(2)})
+    # jitted: run op by op, the model's hundreds of primitives each compile alone (~1 min)
+    _, updates = jax.jit(lambda v, x: model.apply(
+        v, x, jnp.ones((4, 8), bool), train=True, phase="fusion", mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(1), "gumbel": jax.random.PRNGKey(2)}))(
+        variables, inputs)
     before = variables["batch_stats"]["branch_rgb"]
     after = updates["batch_stats"]["branch_rgb"]
     changed = not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))

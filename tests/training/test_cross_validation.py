@@ -5,8 +5,6 @@ functions compile once for the whole file (the compile is most of its run time).
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -228,83 +226,6 @@ def test_config_and_data_errors_name_the_fix(data_dir, tmp_path, full_run):
     workdir, _ = full_run  # resuming with other settings would mix two runs
     with pytest.raises(cv.ConfigError, match="another config.*unimodal"):
         cv.run_cross_validation(_config(data_dir, "noise", unimodal__num_epochs=4), workdir)
-
-
-def test_a_group_of_runs_equals_each_run_alone(data_dir, tmp_path):
-    """Two seeds x two folds trained as one program give, per run, the history and
-    predictions of that fold and seed trained alone (max_runs_per_program=1).
-
-    run_axis='map' (a loop over the runs inside the program): to 1e-6, every model.
-    run_axis='vmap' (the default, batched): batched and single matrix products round
-    differently (~1e-7). The unimodal phase carries that along: equal to 1e-5 of the
-    normalised output. In the fusion phase Adam's first steps turn round-off in near-zero
-    gradients into +-lr steps and the PolicyNet's hard argmax into an occasional other
-    candidate mask, so the fused model agrees in loss to 1e-4 and in predictions to 1e-3."""
-    kw = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=2, checkpoint_every_epochs=10)
-    alone, _ = cv.run_cross_validation(_config(data_dir, "noise", max_runs_per_program=1,
-                                               run_axis="map", **kw), str(tmp_path / "alone"))
-    mapped, _ = cv.run_cross_validation(_config(data_dir, "noise", run_axis="map", **kw),
-                                        str(tmp_path / "mapped"))
-    for a, b in zip(mapped["folds"], alone["folds"]):
-        assert (a["seed"], a["name"]) == (b["seed"], b["name"])
-        for model in ("rgb", "flow", "mask", "fused"):
-            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
-                for key in ("loss", "scc", "mae", "val_scc", "val_mae"):
-                    assert ha[key] == pytest.approx(hb[key], abs=1e-6), (model, key)
-            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
-                                       b["models"][model]["predictions"]["final"]["pred"],
-                                       atol=1e-6 * 2 * SCORE_MAX)
-    together, run = cv.run_cross_validation(_config(data_dir, "noise", **kw),
-                                            str(tmp_path / "together"))
-    assert [len(g) for g in run.groups()] == [4]
-    assert [(f["seed"], f["name"]) for f in together["folds"]] == [
-        (0, "fold_1"), (0, "fold_2"), (1, "fold_1"), (1, "fold_2")]
-    assert os.path.isdir(tmp_path / "together" / "checkpoints" / "seed_1" / "fold_2" / "fusion")
-    normalised = 2 * SCORE_MAX  # score units per unit of model output
-    for a, b in zip(together["folds"], alone["folds"]):
-        assert (a["seed"], a["name"], a["val"]) == (b["seed"], b["name"], b["val"])
-        for model in ("rgb", "flow", "mask", "fused"):
-            tol = 1e-5 if model != "fused" else 1e-3
-            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
-                assert ha["loss"] == pytest.approx(hb["loss"], abs=min(tol, 1e-4))
-                if model != "fused":
-                    assert ha["scc"] == pytest.approx(hb["scc"], abs=1e-5)
-                for key in ("mae", "val_mae"):
-                    assert ha[key] == pytest.approx(hb[key], abs=tol * normalised)
-            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
-                                       b["models"][model]["predictions"]["final"]["pred"],
-                                       atol=tol * normalised)
-    # the two seeds are different runs of the same folds
-    assert together["folds"][0]["models"]["fused"]["history"][-1]["loss"] != \
-        together["folds"][2]["models"]["fused"]["history"][-1]["loss"]
-
-
-def test_runs_sharded_over_four_devices_match_one_device(data_dir, tmp_path):
-    """The group's run axis sharded over 4 (forced host) devices, one run each, gives the
-    results of one device (round-off as in `test_a_group_of_runs_equals_each_run_alone`)."""
-    kw = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=1, checkpoint_every_epochs=10)
-    one, _ = cv.run_cross_validation(_config(data_dir, "noise", **kw), str(tmp_path / "one"))
-    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-            "import jax, numpy as np; assert jax.device_count() == 4, jax.devices()\n"
-            "from surgfusion_jax.training import phase\n"
-            "assert len(phase.place_runs(np.zeros((4, 2)), 4).sharding.device_set) == 4\n"
-            "import test_cross_validation as t\n"
-            "from surgfusion_jax.training import cross_validation as cv\n"
-            f"r, _ = cv.run_cross_validation(t._config({str(data_dir)!r}, 'noise', **{kw!r}), "
-            f"{str(tmp_path / 'four')!r})\n")
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(tmp_path / "four" / "results.json") as f:
-        four = json.load(f)
-    for a, b in zip(one["folds"], four["folds"]):
-        assert (a["seed"], a["name"]) == (b["seed"], b["name"])
-        for model in ("rgb", "flow", "mask", "fused"):
-            tol = (1e-5 if model != "fused" else 1e-3) * 2 * SCORE_MAX
-            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
-                                       b["models"][model]["predictions"]["final"]["pred"], atol=tol)
 
 
 def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
