@@ -38,21 +38,3 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
 
-
-# Files that train whole cross-validations, longest first (measured, `--durations`): xdist
-# hands out files in collection order, so these start at once on both workers instead of
-# leaving one worker to finish them alone at the end of the session.
-_LONG_FILES_FIRST = (
-    "training/test_run_groups.py", "training/test_learning.py",
-    "training/test_cross_validation.py", "experiments/test_experiments.py",
-    "training/test_runs.py", "test_benchmarks.py", "training/test_determinism.py",
-    "test_config_presets.py", "models/test_surgfusion.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        path = item.nodeid.split("::")[0]
-        return next((i for i, name in enumerate(_LONG_FILES_FIRST) if path.endswith(name)),
-                    len(_LONG_FILES_FIRST))
-    items.sort(key=rank)  # stable: the order within each file is kept
