@@ -38,7 +38,10 @@ TINY = {"model.features": 16, "model.embed_features": 32, "model.num_candidates"
         "data.window": 8, "unimodal.num_epochs": 2, "fusion.num_epochs": 2,
         "unimodal.batch_size": 12, "fusion.batch_size": 12,  # one step per epoch
         "cv.num_folds": 2, "eval_batch_size": 8, "min_bucket": 16,  # one eval bucket
-        "checkpoint_every_epochs": 2, "progress_bar": False}
+        "checkpoint_every_epochs": 2, "progress_bar": False,
+        # One run per program: every run of the file (2-fold and 3-fold schemes alike)
+        # then has the same program shapes and reuses one compile.
+        "max_runs_per_program": 1}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Cross-validated two-phase training of the real (tiny) model on generated features.
 
-All runs share one dataset shape and one config shape, so the jitted epoch and eval
-functions compile once for the whole file (the compile is most of its run time).
+All runs share one dataset shape and one config shape (tests/cv_testutil.py), so the
+jitted epoch and eval functions compile once for the whole file (the compile is most of
+its run time); the finished run (`full_run`, tests/training/conftest.py) is trained once
+per session for every file that reads one.
 """
 import json
 import os
@@ -10,62 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from cv_testutil import DIM, N, tiny_config
 from surgfusion_jax import config_lib as default
 from surgfusion_jax.data import feature_dataset as fd, input_pipeline as ip
 from surgfusion_jax.training import checkpoints, cross_validation as cv, train
-
-N, DIM = 32, 16
-SCORE_MAX = 30.0  # config_lib's default
-META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))
-
-
-def _write(data_dir, name, seed, signal):
-    """N videos of 5-30 segments; with `signal`, score = 18 + 10 a and every modality's
-    features carry a * u along one direction u (else scores are unrelated noise)."""
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=DIM)
-    u /= np.linalg.norm(u)
-    examples = []
-    for i in range(N):
-        n = int(rng.integers(5, 31))
-        a = rng.uniform(-1, 1)
-        ex = dict(video_id=f"vid{i:02d}", score=float(18 + 10 * a if signal else rng.uniform(8, 28)),
-                  source_video=f"src{i // 2}")  # two samples per source video
-        for m in fd.MODALITIES:
-            ex[m] = rng.normal(size=(n, DIM)) + (4.0 * a * u if signal else 0.0)
-        examples.append(ex)
-    fd.write_feature_dataset(data_dir, name, examples, META, feature_dim=DIM)
-
-
-def _config(data_dir, name, **overrides):
-    c = default.small(default.get_config())
-    c.data.data_dir, c.data.name, c.data.window = str(data_dir), name, 8
-    c.cv.num_folds, c.cv.inner_val_fraction = 2, 0.25
-    c.unimodal.num_epochs = c.fusion.num_epochs = 3
-    c.unimodal.batch_size = c.fusion.batch_size = 4
-    c.fusion.head_lr_factor = 1.0  # short runs: the MAQA x0.1 head would barely move
-    c.eval_batch_size, c.min_bucket, c.checkpoint_every_epochs = 8, 32, 2
-    c.progress_bar = False
-    for key, value in overrides.items():
-        section, field = key.split("__") if "__" in key else (None, key)
-        (c[section] if section else c)[field] = value
-    return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("features")
-    _write(path, "noise", seed=0, signal=False)
-    _write(path, "linear", seed=1, signal=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def full_run(data_dir, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    results, _ = cv.run_cross_validation(_config(data_dir, "noise"), workdir)
-    return workdir, results
-
 
 def _read_scalars(logdir):
     """{tag: {step: value}} from the TensorBoard event files under `logdir`."""
@@ -134,7 +84,7 @@ def test_interrupted_run_resumes_to_identical_results(full_run, data_dir, tmp_pa
     workdir = str(tmp_path / "resumed")
     # 1. A clean stop after 4 epochs (both folds, one group: unimodal 1-3, fusion 1).
     with pytest.raises(train.StopRequested):
-        cv.run_cross_validation(_config(data_dir, "noise", debug__stop_after_epochs=4), workdir)
+        cv.run_cross_validation(tiny_config(data_dir, "noise", debug__stop_after_epochs=4), workdir)
     # 2. A kill just before fold_2's fusion epoch 3 reaches disk, after fold_1's did: the
     #    group resumes from epoch 2, which both saved (fold_1 goes one save back), and
     #    replays epoch 3.
@@ -147,13 +97,13 @@ def test_interrupted_run_resumes_to_identical_results(full_run, data_dir, tmp_pa
 
     monkeypatch.setattr(checkpoints.PhaseCheckpoints, "save_last", killed)
     with pytest.raises(SimulatedKill):
-        cv.run_cross_validation(_config(data_dir, "noise"), workdir)
+        cv.run_cross_validation(tiny_config(data_dir, "noise"), workdir)
     monkeypatch.undo()
     last = os.path.join(workdir, "checkpoints", "{}", "fusion", "last")
     assert sorted(os.listdir(last.format("fold_1"))) == ["2", "3"]
     assert sorted(os.listdir(last.format("fold_2"))) == ["1", "2"]  # fusion 1 (stop), 2
     assert not os.path.exists(os.path.join(workdir, "results.json"))
-    cv.run_cross_validation(_config(data_dir, "noise"), workdir)
+    cv.run_cross_validation(tiny_config(data_dir, "noise"), workdir)
     with open(os.path.join(reference_dir, "results.json")) as a, \
             open(os.path.join(workdir, "results.json")) as b:
         assert a.read() == b.read()
@@ -161,7 +111,7 @@ def test_interrupted_run_resumes_to_identical_results(full_run, data_dir, tmp_pa
 
 def test_bucketed_eval_equals_unpadded_per_video_eval(full_run):
     workdir, results = full_run
-    config = _config("", "noise")
+    config = tiny_config("", "noise")
     dataset = fd.load_feature_dataset(results["config"]["data"]["data_dir"], "noise")
     model = train.build_model(config.model, fd.MODALITIES)
     ck = checkpoints.PhaseCheckpoints(os.path.join(workdir, "checkpoints", "fold_1", "fusion"))
@@ -187,7 +137,7 @@ def test_eval_compiles_once_per_bucket(full_run):
     workdir, results = full_run
     dataset = fd.load_feature_dataset(results["config"]["data"]["data_dir"], "noise")
     lengths = [s["num_segments"] for s in dataset.samples]
-    config = _config("", "noise")
+    config = tiny_config("", "noise")
     model = train.build_model(config.model, fd.MODALITIES)
     variables, _ = checkpoints.PhaseCheckpoints(
         os.path.join(workdir, "checkpoints", "fold_2", "unimodal")).restore_variables(
@@ -204,7 +154,7 @@ def test_eval_compiles_once_per_bucket(full_run):
 
 
 def test_learns_a_linear_skill_signal(data_dir, tmp_path):
-    config = _config(data_dir, "linear", unimodal__num_epochs=60, unimodal__learning_rate=5e-2,
+    config = tiny_config(data_dir, "linear", unimodal__num_epochs=60, unimodal__learning_rate=5e-2,
                      fusion__num_epochs=40, fusion__learning_rate=1e-2, checkpoint_every_epochs=100)
     summary = cv.run_cross_validation(config, str(tmp_path / "learn"))[0]["summary"]
     for model in ("rgb", "flow", "mask"):  # unbiased protocol: the last epoch
@@ -218,14 +168,14 @@ def test_learns_a_linear_skill_signal(data_dir, tmp_path):
 
 def test_config_and_data_errors_name_the_fix(data_dir, tmp_path, full_run):
     with pytest.raises(cv.ConfigError, match=r"config.cv.scheme.*--config.cv.scheme"):
-        cv.run_cross_validation(_config(data_dir, "noise", cv__scheme="bootstrap"), str(tmp_path))
+        cv.run_cross_validation(tiny_config(data_dir, "noise", cv__scheme="bootstrap"), str(tmp_path))
     with pytest.raises(cv.ConfigError, match="config.unimodal.batch_size"):
-        cv.run_cross_validation(_config(data_dir, "noise", unimodal__batch_size=0), str(tmp_path))
+        cv.run_cross_validation(tiny_config(data_dir, "noise", unimodal__batch_size=0), str(tmp_path))
     with pytest.raises(fd.DatasetError, match="data_prep.prepare"):
-        cv.run_cross_validation(_config(data_dir, "absent"), str(tmp_path))
+        cv.run_cross_validation(tiny_config(data_dir, "absent"), str(tmp_path))
     workdir, _ = full_run  # resuming with other settings would mix two runs
     with pytest.raises(cv.ConfigError, match="another config.*unimodal"):
-        cv.run_cross_validation(_config(data_dir, "noise", unimodal__num_epochs=4), workdir)
+        cv.run_cross_validation(tiny_config(data_dir, "noise", unimodal__num_epochs=4), workdir)
 
 
 def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
@@ -249,7 +199,7 @@ def test_init_weights_file_replaces_the_drawn_start(full_run, tmp_path):
 def test_a_run_saved_before_a_field_was_added_still_resumes(data_dir, tmp_path):
     """A saved config without a field of `config_lib.ADDED_FIELDS` equals the current one
     when the current value is that field's old default; any other value is a new config."""
-    config = default.resolve(_config(data_dir, "noise"))
+    config = default.resolve(tiny_config(data_dir, "noise"))
     cv._check_or_write_config(str(tmp_path), config)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["model"]["init_weights"]

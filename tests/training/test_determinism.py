@@ -1,15 +1,16 @@
 """The same config run twice gives identical results files on CPU (docs/design.md §9:
 what is and is not deterministic on a GPU).
 
-The fast test re-runs `test_cross_validation`'s tiny config (its fixtures, imported, so
-the compiled epoch is shared when that file ran first); the slow one compiles afresh."""
+The fast test re-runs the tiny config of the session's `full_run` (tests/training/
+conftest.py; often trained by another test process, whose compiled programs it then reads
+from the suite's compilation cache); the slow one compiles afresh, twice in one process."""
 import json
 import os
 
 import jax
 import pytest
 
-from test_cross_validation import _config, _write, data_dir, full_run  # noqa: F401 fixtures
+from cv_testutil import tiny_config, write_features
 from surgfusion_jax.training import cross_validation as cv
 
 # Keys that describe the run rather than its numbers (another engineer's provenance
@@ -41,14 +42,14 @@ def _same_results(a, b):
 
 def test_the_same_config_twice_gives_identical_results(full_run, data_dir, tmp_path):
     reference, _ = full_run
-    cv.run_cross_validation(_config(data_dir, "noise"), str(tmp_path))
+    cv.run_cross_validation(tiny_config(data_dir, "noise"), str(tmp_path))
     _same_results(tmp_path, type(tmp_path)(reference))
 
 
 @pytest.mark.slow
 def test_the_same_config_compiled_twice_gives_identical_results(tmp_path):
-    _write(tmp_path / "features", "noise", seed=0, signal=False)
-    config = _config(tmp_path / "features", "noise", unimodal__num_epochs=2,
+    write_features(tmp_path / "features", "noise", seed=0, signal=False)
+    config = tiny_config(tmp_path / "features", "noise", unimodal__num_epochs=2,
                      fusion__num_epochs=2)
     written = []
     for name in ("a", "b"):

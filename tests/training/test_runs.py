@@ -2,36 +2,27 @@
 training reported, and a missing run or checkpoint is a clear `UserError`."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from surgfusion_jax import config_lib, errors
+from cv_testutil import DIM, META, tiny_config
+from surgfusion_jax import errors
 from surgfusion_jax.data import feature_dataset as fd
 from surgfusion_jax.evaluation import metrics
 from surgfusion_jax.training import cross_validation as cv, runs
 
-N, DIM = 12, 8
-META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(3, 9, size=N)
-    examples = [dict(video_id=f"v{i:02d}", score=float(rng.uniform(8, 28)),
-                     **{m: rng.normal(size=(int(lengths[i]), DIM)) for m in fd.MODALITIES})
-                for i in range(N)]
-    fd.write_feature_dataset(str(root / "features"), "toy", examples, META, feature_dim=DIM)
-    config = config_lib.small(config_lib.get_config())
-    config.data.data_dir, config.data.name, config.data.window = str(root / "features"), "toy", 4
-    config.cv.num_folds = 2
-    config.unimodal.num_epochs = config.fusion.num_epochs = 2
-    config.unimodal.batch_size = config.fusion.batch_size = 4
-    config.eval_batch_size, config.min_bucket, config.progress_bar = 4, 8, False
-    workdir = str(root / "run")
-    results, run = cv.run_cross_validation(config, workdir)
+def trained(full_run, data_dir, tmp_path_factory):
+    """The session's finished tiny run (tests/training/conftest.py), copied and run again:
+    cross-validation of a finished workdir resumes every fold at its last epoch, returns
+    the results it wrote before and the run in memory."""
+    finished, results = full_run
+    workdir = str(tmp_path_factory.mktemp("runs") / "run")
+    shutil.copytree(finished, workdir)
+    again, run = cv.run_cross_validation(tiny_config(data_dir, "noise"), workdir)
+    assert json.loads(json.dumps(again)) == results
     return workdir, results, run
 
 
@@ -44,7 +35,7 @@ def test_load_run_restores_and_scores_what_training_reported(trained):
     assert [m.name for m in group] == [f["name"] for f in results["folds"]]
     for phase, heads in (("unimodal", ("rgb", "flow", "mask")), ("fusion", ("fused",))):
         restored = [runs.restore(loaded, m.name, phase, "last") for m in group]
-        assert all(meta["epoch"] == 2 for _, meta in restored)
+        assert all(meta["epoch"] == 3 for _, meta in restored)
         preds = runs.evaluate(loaded, group, [v for v, _ in restored], phase)
         for fold, member, pred in zip(results["folds"], group, preds):
             test = loaded.eval_set(member.fold.test)
@@ -75,9 +66,9 @@ def test_missing_run_and_checkpoint_are_user_errors(trained, tmp_path):
 
 def test_load_run_names_a_missing_dataset(trained, tmp_path):
     workdir, _, run = trained
-    with pytest.raises(fd.DatasetError, match="toy"):
+    with pytest.raises(fd.DatasetError, match="noise"):
         runs.load_run(workdir, data_dir=str(tmp_path))  # the features were moved away
-    moved = runs.load_run(workdir, data_dir=run.config.data.data_dir, name="toy")
+    moved = runs.load_run(workdir, data_dir=run.config.data.data_dir, name="noise")
     assert [s["video_id"] for s in moved.samples] == [s["video_id"] for s in run.samples]
 
 
