@@ -3,7 +3,8 @@
 workers (a tiny run costs ~1.5 min, nearly all of it XLA compile time; several test
 files read the same one instead of training their own).
 
-Fixtures built on these (`data_dir`, `full_run`) live in tests/training/conftest.py.
+Fixtures built on these (`data_dir`, `full_run`, `group_run`) live in
+tests/training/conftest.py.
 """
 import fcntl
 import os
@@ -16,7 +17,10 @@ from surgfusion_jax.data import feature_dataset as fd
 
 N, DIM = 32, 16
 SCORE_MAX = 30.0  # config_lib's default
+NORMALISED = 2 * SCORE_MAX  # score units per unit of model output
 META = dict(backbone="test", fps=10, segment_length=32, modalities=list(fd.MODALITIES))
+# `tiny_config` overrides of the run-group tests: 2 seeds x 2 folds, 2 + 2 epochs.
+GROUP = dict(num_seeds=2, unimodal__num_epochs=2, fusion__num_epochs=2, checkpoint_every_epochs=10)
 
 
 def write_features(data_dir, name, seed, signal):
@@ -70,3 +74,14 @@ def shared_dir(tmp_path_factory, name, build):
             build(path)
             (root / f"{name}.done").touch()
     return path
+
+
+def assert_same_predictions(got, want, tol):
+    """Final-epoch test predictions of every head of every run of `got` and `want`
+    (results.json dicts, runs in the same order) within `tol(head)` of the model output."""
+    for a, b in zip(got["folds"], want["folds"]):
+        assert (a["seed"], a["name"]) == (b["seed"], b["name"])
+        for model in ("rgb", "flow", "mask", "fused"):
+            np.testing.assert_allclose(a["models"][model]["predictions"]["final"]["pred"],
+                                       b["models"][model]["predictions"]["final"]["pred"],
+                                       atol=tol(model) * NORMALISED)
