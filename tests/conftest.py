@@ -37,4 +37,3 @@ def _release_compiled_programs():
     and XLA's compiler crashed (SIGSEGV) near the end of the run."""
     yield
     jax.clear_caches()
-

@@ -196,30 +196,30 @@ def _make_optimizer(phase: str, items: tuple, trainable_branches: tuple = ()
                     ) -> optax.GradientTransformation:
     cfg = dict(items)
 
-    flat = _raveled  # one vector per group (module docstring)
     clip = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
 
     def build(learning_rate):
         if phase == "unimodal" and cfg["clip_per_branch"]:
             # PAMFN trains each branch in its own run, clipping that branch's gradient.
-            sgd = flat(optax.chain(*clip, optax.add_decayed_weights(cfg["weight_decay"]),
-                                   optax.sgd(learning_rate, momentum=cfg["momentum"])))
+            sgd = _raveled(optax.chain(*clip, optax.add_decayed_weights(cfg["weight_decay"]),
+                                       optax.sgd(learning_rate, momentum=cfg["momentum"])))
             transforms = {f"branch_{m}": sgd for m in feature_dataset.MODALITIES}
             return optax.multi_transform({**transforms, "frozen": optax.set_to_zero()},
                                          _branch_labels)
         if phase == "unimodal":  # no parameter is labelled 'head' (`param_labels`)
-            groups = {"train": flat(optax.chain(
+            groups = {"train": _raveled(optax.chain(
                 optax.add_decayed_weights(cfg["weight_decay"]),
                 optax.sgd(learning_rate, momentum=cfg["momentum"])))}
         else:
-            groups = {"train": flat(optax.adamw(learning_rate, weight_decay=cfg["weight_decay"])),
-                      "head": flat(optax.adamw(learning_rate * cfg["head_lr_factor"],
-                                               weight_decay=cfg["weight_decay"]))}
+            groups = {"train": _raveled(optax.adamw(learning_rate,
+                                                    weight_decay=cfg["weight_decay"])),
+                      "head": _raveled(optax.adamw(learning_rate * cfg["head_lr_factor"],
+                                                   weight_decay=cfg["weight_decay"]))}
         labels = functools.partial(param_labels, phase=phase,
                                    trainable_branches=trainable_branches)
         # The clip's global norm over the trained parameters only: the frozen ones'
         # gradients are zero, and raveling them would copy every frozen array each step.
-        trained = optax.chain(*map(flat, clip), optax.multi_transform(groups, labels))
+        trained = optax.chain(*map(_raveled, clip), optax.multi_transform(groups, labels))
         return optax.multi_transform(
             {"trained": trained, "frozen": optax.set_to_zero()},
             lambda params: jax.tree.map(lambda l: "frozen" if l == "frozen" else "trained",
