@@ -66,6 +66,8 @@ class TrainState(train_state.TrainState):
     # False: training windows' zero padding is data (PAMFN's literal zero padding); the
     # model then sees every step of a window as valid. Evaluation stays masked.
     mask_padding: bool = flax.struct.field(pytree_node=False, default=True)
+    # The model's `trainable_branches`: which gradients `train_step`'s grad_norm reads.
+    trainable_branches: tuple = flax.struct.field(pytree_node=False, default=())
 
 
 # config.model fields -> SurgFusionNet fields they set (and their type); a field missing
@@ -242,7 +244,8 @@ def create_train_state(model: SurgFusionNet, variables: Mapping[str, Any],
     """TrainState of `phase` whose optimizer (`make_optimizer`) starts at `learning_rate`."""
     state = TrainState.create(apply_fn=_canonical(model).apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=tx, phase=phase,
-                              loss_alpha=float(loss_alpha), mask_padding=bool(mask_padding))
+                              loss_alpha=float(loss_alpha), mask_padding=bool(mask_padding),
+                              trainable_branches=tuple(getattr(model, "trainable_branches", ())))
     state = state.replace(step=jnp.zeros((), jnp.int32))  # not weakly typed: no retrace
     return with_learning_rate(state, learning_rate)
 
@@ -282,8 +285,13 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: Array
     # unchanged, unless the model's `frozen_branch_train` updates them (PAMFN).
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    # One reduction over the raveled gradient, not one per parameter array (compile time).
-    grad_norm = jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0])
+    # The gradient's norm over the parameters the phase trains (the frozen ones' gradients
+    # are zero): one reduction over them raveled in tree order, as the optimizer ravels
+    # them, so XLA shares that copy; raveling every gradient copied ~18 M frozen zeros per
+    # unimodal step (docs/performance.md).
+    labels = jax.tree.leaves(param_labels(grads, state.phase, state.trainable_branches))
+    trained = [g for g, label in zip(jax.tree.leaves(grads), labels) if label != "frozen"]
+    grad_norm = jnp.linalg.norm(jax.flatten_util.ravel_pytree(trained)[0])
     return state, {"loss": loss, "grad_norm": grad_norm}
 
 

@@ -44,6 +44,7 @@ class TinyFusion(nn.Module):
 
 class TinyNet(nn.Module):
     modalities: tuple = MODS
+    trainable_branches: tuple = ()  # as SurgFusionNet's: these train in phase 'fusion' too
 
     @nn.compact
     def __call__(self, inputs, valid=None, *, train=False, phase="fusion"):
@@ -53,7 +54,8 @@ class TinyNet(nn.Module):
             if phase in ("unimodal", "all"):
                 out[m] = branch(inputs[m], valid, train)[0]
             if phase in ("fusion", "all"):
-                feats.append(jax.lax.stop_gradient(branch(inputs[m], valid, False)[1]))
+                feat = branch(inputs[m], valid, False)[1]
+                feats.append(feat if m in self.trainable_branches else jax.lax.stop_gradient(feat))
         if feats:
             out["fused"] = TinyFusion(name="fusion")(jnp.concatenate(feats, -1), train)
         return out
@@ -186,6 +188,33 @@ def test_train_step_batch_stats_and_frozen_parts():
         assert _same(after.batch_stats[f"branch_{m}"], fus.batch_stats[f"branch_{m}"])
     assert not _same(after.params["fusion"], fus.params["fusion"])
     assert not _same(after.batch_stats["fusion"], fus.batch_stats["fusion"])
+
+
+@pytest.mark.parametrize("phase_name,trainable", [("unimodal", ()), ("fusion", ()),
+                                                  ("fusion", ("rgb",))])
+def test_grad_norm_is_the_norm_of_every_parameters_gradient(phase_name, trainable):
+    _, data = _data()
+    model = TinyNet(trainable_branches=trainable)
+    cfg = SGD if phase_name == "unimodal" else ADAMW
+    state = train.create_train_state(model, _variables(), train.make_optimizer(
+        phase_name, cfg, trainable), phase_name, learning_rate=cfg["learning_rate"])
+    batch, rng = _batch(data, [0, 1, 2, 3], jax.random.PRNGKey(1)), jax.random.PRNGKey(2)
+    _, metrics = jax.jit(train.train_step)(state, batch, rng)
+
+    def loss(params):  # the step's loss, with the step's split of its key
+        dropout_rng, gumbel_rng = jax.random.split(rng)
+        out, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                batch["inputs"], batch["valid"], train=True, phase=phase_name,
+                                rngs={"dropout": dropout_rng, "gumbel": gumbel_rng},
+                                mutable=["batch_stats"])
+        return train.phase_loss(out, batch["target"], batch["weight"], state.loss_alpha)
+
+    grads = jax.grad(loss)(state.params)  # every parameter's, the frozen ones' included
+    rgb = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                      for g in jax.tree.leaves(grads["branch_rgb"])))
+    assert (rgb > 0) == (phase_name == "unimodal" or bool(trainable))
+    reference = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), reference, rtol=1e-5)
 
 
 def test_eval_step_is_per_video_and_deterministic():
