@@ -19,10 +19,12 @@ Decisions:
     MAQA: lr(e) = end + (peak - end) (1 + cos(pi e / num_epochs)) / 2 for epoch e, i.e.
     `optax.cosine_decay_schedule(peak, num_epochs, alpha=end / peak)` at the epoch index
     (`learning_rate_schedule`), passed to the epoch as an injected hyperparameter.
-  * Each optimizer group (trained / head / each branch under `clip_per_branch`) runs on
-    its parameters raveled into one vector (`optax.flatten`): elementwise the same
-    update, in a few large XLA kernels instead of several per parameter array, which
-    made tracing and compiling the optimizer cost more than the model's own step.
+  * The trained parameters (each branch alone under `clip_per_branch`) are updated
+    raveled into one vector (`optax.flatten`), once per step: the clip, momentum or Adam
+    and weight decay are elementwise or global, so the update is the same, in a few large
+    XLA kernels instead of several per parameter array, which made tracing and compiling
+    the optimizer cost more than the model's own step. The fusion head's lower rate is a
+    per-array scale after it.
   * One jitted `train_epoch` shuffles, samples windows and runs all steps of an epoch
     with `lax.scan` (no host round trip per step). Its arguments have the same shapes
     for every fold (training indices padded to the dataset size, their count traced),
@@ -200,28 +202,34 @@ def _make_optimizer(phase: str, items: tuple, trainable_branches: tuple = ()
 
     clip = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
 
+    def decayed_sgd(learning_rate):
+        return [optax.add_decayed_weights(cfg["weight_decay"]),
+                optax.sgd(learning_rate, momentum=cfg["momentum"])]
+
     def build(learning_rate):
         if phase == "unimodal" and cfg["clip_per_branch"]:
             # PAMFN trains each branch in its own run, clipping that branch's gradient.
-            sgd = _raveled(optax.chain(*clip, optax.add_decayed_weights(cfg["weight_decay"]),
-                                       optax.sgd(learning_rate, momentum=cfg["momentum"])))
-            transforms = {f"branch_{m}": sgd for m in feature_dataset.MODALITIES}
+            branch = _raveled(optax.chain(*clip, *decayed_sgd(learning_rate)))
+            transforms = {f"branch_{m}": branch for m in feature_dataset.MODALITIES}
             return optax.multi_transform({**transforms, "frozen": optax.set_to_zero()},
                                          _branch_labels)
-        if phase == "unimodal":  # no parameter is labelled 'head' (`param_labels`)
-            groups = {"train": _raveled(optax.chain(
-                optax.add_decayed_weights(cfg["weight_decay"]),
-                optax.sgd(learning_rate, momentum=cfg["momentum"])))}
-        else:
-            groups = {"train": _raveled(optax.adamw(learning_rate,
-                                                    weight_decay=cfg["weight_decay"])),
-                      "head": _raveled(optax.adamw(learning_rate * cfg["head_lr_factor"],
-                                                   weight_decay=cfg["weight_decay"]))}
         labels = functools.partial(param_labels, phase=phase,
                                    trainable_branches=trainable_branches)
-        # The clip's global norm over the trained parameters only: the frozen ones'
-        # gradients are zero, and raveling them would copy every frozen array each step.
-        trained = optax.chain(*map(_raveled, clip), optax.multi_transform(groups, labels))
+        if phase == "unimodal":  # no parameter is labelled 'head' (`param_labels`)
+            trained = _raveled(optax.chain(*clip, *decayed_sgd(learning_rate)))
+        else:
+            # optax.adamw's chain, on the trained parameters raveled once; the regression
+            # head's learning rate is the rate x head_lr_factor, applied per array after
+            # (it fuses into the parameter update; the clip's norm and Adam's moments are
+            # elementwise or global, the same as for two groups).
+            trained = optax.chain(
+                _raveled(optax.chain(*clip, optax.scale_by_adam(),
+                                     optax.add_decayed_weights(cfg["weight_decay"]),
+                                     optax.scale_by_learning_rate(learning_rate))),
+                optax.masked(optax.scale(cfg["head_lr_factor"]),
+                             lambda params: jax.tree.map(lambda l: l == "head", labels(params))))
+        # Frozen parameters stay out of the raveled vector: their gradients are zero, and
+        # raveling them would copy every frozen array each step.
         return optax.multi_transform(
             {"trained": trained, "frozen": optax.set_to_zero()},
             lambda params: jax.tree.map(lambda l: "frozen" if l == "frozen" else "trained",
