@@ -43,7 +43,7 @@ install: $(STAMP)
 ## stay in one process); the suite is bound by XLA compile time, which is single-threaded.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 ## Longer checks, kept out of CI.
 test-slow: $(STAMP)
