@@ -202,21 +202,19 @@ def _make_optimizer(phase: str, items: tuple, trainable_branches: tuple = ()
 
     clip = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
 
-    def decayed_sgd(learning_rate):
-        return [optax.add_decayed_weights(cfg["weight_decay"]),
-                optax.sgd(learning_rate, momentum=cfg["momentum"])]
-
     def build(learning_rate):
+        if phase == "unimodal":
+            sgd = _raveled(optax.chain(*clip, optax.add_decayed_weights(cfg["weight_decay"]),
+                                       optax.sgd(learning_rate, momentum=cfg["momentum"])))
         if phase == "unimodal" and cfg["clip_per_branch"]:
             # PAMFN trains each branch in its own run, clipping that branch's gradient.
-            branch = _raveled(optax.chain(*clip, *decayed_sgd(learning_rate)))
-            transforms = {f"branch_{m}": branch for m in feature_dataset.MODALITIES}
+            transforms = {f"branch_{m}": sgd for m in feature_dataset.MODALITIES}
             return optax.multi_transform({**transforms, "frozen": optax.set_to_zero()},
                                          _branch_labels)
         labels = functools.partial(param_labels, phase=phase,
                                    trainable_branches=trainable_branches)
         if phase == "unimodal":  # no parameter is labelled 'head' (`param_labels`)
-            trained = _raveled(optax.chain(*clip, *decayed_sgd(learning_rate)))
+            trained = sgd
         else:
             # optax.adamw's chain, on the trained parameters raveled once; the regression
             # head's learning rate is the rate x head_lr_factor, applied per array after
