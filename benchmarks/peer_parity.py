@@ -65,6 +65,13 @@ streams (batch order, dropout, Gumbel noise), not in their initial draws: a like
 comparison of the training loops with less seed noise. Only preset `pamfn` and its
 variants have PAMFN's parameters; it needs `--pamfn_dir` and `--torch_python`.
 
+Shared unimodal phase. A variant whose switches act only in the fusion phase
+(FUSION_PHASE_FIELDS: `fusion.*`, `model.gumbel_at_test`) trains the very unimodal phase of
+its preset's run; when that run (`ours-<preset>`) is finished in the same workdir, its
+unimodal checkpoints are copied into the variant's folder and the variant resumes at its
+fusion phase (`--noshare_unimodal` retrains them). Its branch readings then equal the
+preset's by construction, and its unimodal step time is not measured.
+
 `--workdir` keeps the generated data, the export, PAMFN's raw output
 (`pamfn_output.json`) and our runs (`ours-<preset>/`, with results.json); a second call
 with the same workdir resumes our runs; PAMFN's side retrains unless `--reuse_pamfn` (then
@@ -76,11 +83,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import glob
 import hashlib
 import json
 import os
 import runpy
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +122,9 @@ READING_NOTES = {"final": "last epoch (unbiased)",
                  "paper": "per fold, the best test epoch (optimistic)",
                  "best-mean": "one epoch per seed, the best fold-mean test SCC (optimistic)"}
 PAMFN = "pamfn"
+# Config fields that act only in the fusion phase: neither the unimodal phase's training
+# and evaluation nor the model's parameters and their initial draws depend on them.
+FUSION_PHASE_FIELDS = ("fusion", "model.gumbel_at_test")
 
 _DATASET = flags.DEFINE_enum("dataset", None, ["complementary"],
                              "Generate a dataset (else --data_dir/--name).")
@@ -167,6 +179,11 @@ _REUSE_PAMFN = flags.DEFINE_bool(
     "reuse_pamfn", False, "Reuse PAMFN's output in --workdir when it was made with the same "
     "settings and data (else an error); its timings are then those of that earlier run.")
 _HISTORIES = flags.DEFINE_bool("histories", False, "Include every fold's per-epoch history.")
+_SHARE_UNIMODAL = flags.DEFINE_bool(
+    "share_unimodal", True, "A variant that differs from its preset only in fusion-phase "
+    "fields (FUSION_PHASE_FIELDS) starts from a copy of the preset's finished unimodal "
+    "checkpoints in --workdir instead of retraining them (the same computation, so the same "
+    "numbers; ~40% of a variant's time).")
 
 
 class ParityError(Exception):
@@ -524,6 +541,50 @@ def pamfn_initial_weights(config, workdir: str, npz: str, window: int) -> str:
     return pattern
 
 
+def _unimodal_phase_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved config (`config.json`) without the fields of FUSION_PHASE_FIELDS."""
+    kept = json.loads(json.dumps(config))
+    for field in FUSION_PHASE_FIELDS:
+        section, _, name = field.rpartition(".")
+        (kept.get(section, {}) if section else kept).pop(name, None)
+    return kept
+
+
+def share_unimodal_phase(source: str, target: str, config) -> int:
+    """Copies the finished unimodal checkpoints (and their tensorboard logs) of the run in
+    `source` into `target` when `config` (the target's) trains the same unimodal phase:
+    its config.json equal to the source's outside FUSION_PHASE_FIELDS, and every run of
+    it (seed x fold) at its last unimodal epoch in `source`. The target then resumes at
+    its fusion phase (`phase.run_phase` scores restored final states). Returns the number
+    of runs copied (0: nothing shared, e.g. another unimodal setup or an unfinished source;
+    a run the target already has is left as it is)."""
+    saved = os.path.join(source, "config.json")
+    if not os.path.exists(saved):
+        return 0
+    current = cross_validation.run_config_dict(config_lib.resolve(config))
+    if _unimodal_phase_config(read_json(saved)) != _unimodal_phase_config(to_jsonable(current)):
+        return 0
+    runs = sorted(glob.glob(os.path.join(source, "checkpoints", "*", "*", train.PHASES[0])))
+    epochs = config.unimodal.num_epochs
+    finished = [d for d in runs
+                if str(epochs) in os.listdir(os.path.join(d, "last"))] if runs else []
+    if not finished or len(finished) != len(runs):
+        return 0
+    copied = 0
+    for phase_dir in finished:
+        member = os.path.relpath(os.path.dirname(phase_dir), os.path.join(source, "checkpoints"))
+        for sub in ("checkpoints", "tensorboard"):
+            src = os.path.join(source, sub, member, train.PHASES[0])
+            dst = os.path.join(target, sub, member, train.PHASES[0])
+            if os.path.isdir(src) and not os.path.exists(dst):
+                tmp = dst + ".copying"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                os.replace(tmp, dst)  # a stopped copy leaves no half phase behind
+                copied += sub == "checkpoints"
+    return copied
+
+
 def run_ours(label: str, preset: str, overrides: Mapping[str, Any], dataset, folds,
              score_max: float, window: int, root: str
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -544,12 +605,21 @@ def run_ours(label: str, preset: str, overrides: Mapping[str, Any], dataset, fol
     elif [f.to_dict() for f in splits.load_splits(splits_file)] != [f.to_dict() for f in folds]:
         raise ParityError(f"{splits_file} holds other folds than this benchmark's; use a new "
                           "--workdir.")
+    shared = 0
+    if _SHARE_UNIMODAL.value and label != preset and all(
+            any(f == p or f.startswith(p + ".") for p in FUSION_PHASE_FIELDS) for f in overrides):
+        shared = share_unimodal_phase(os.path.join(root, f"ours-{preset}"), workdir, config)
+        if shared:
+            print(f"peer_parity: ours-{label}: the unimodal phase of {shared} runs copied from "
+                  f"ours-{preset} (same unimodal setup; --noshare_unimodal retrains it).",
+                  file=sys.stderr, flush=True)
     timer = _LibraryTimer()
     t0 = time.perf_counter()
     with timer.installed():
         results, _ = cross_validation.run_cross_validation(config, workdir)
     info = {"timing": dict(timer.report(), total_wall_s=time.perf_counter() - t0),
             "preset_applied": "preset" in config, "workdir": workdir,
+            "unimodal_runs_shared_from_preset": shared,
             "config": results.get("config")}
     return results["folds"], info
 

@@ -171,3 +171,54 @@ def test_peer_parity_starts_ours_from_pamfns_initial_weights():
     with pytest.raises(pp.ParityError, match="init_weights=pamfn.*'recommended'"):
         pp.initial_weights_from_pamfn(state, pp.our_template(config, rgb_in.shape[1]),
                                       config.preset)
+
+
+def test_peer_parity_shares_the_unimodal_phase_only_when_it_is_the_same(tmp_path):
+    """`--share_unimodal`: a variant that changes only fusion-phase fields gets a copy of
+    its preset's finished unimodal checkpoints (every run, with their logs); a variant
+    that changes the model or the unimodal phase, or an unfinished source, gets none."""
+    from surgfusion_jax import config_lib
+    from surgfusion_jax.io import write_json
+    from surgfusion_jax.training import cross_validation
+    pp = _peer_parity()
+
+    def config(**overrides):
+        c = config_lib.get_config()
+        c.preset = "recommended"
+        c.data.score_max = 40.0
+        c.unimodal.num_epochs = 6
+        for field, value in overrides.items():
+            section, name = field.split("__")
+            c[section][name] = value
+        return c
+
+    source = tmp_path / "ours-recommended"
+    members = [f"seed_{s}/fold_{f}" for s in (0, 1) for f in (1, 2)]
+    for m in members:
+        for step in (5, 6):
+            (source / "checkpoints" / m / "unimodal" / "last" / str(step)).mkdir(parents=True)
+        (source / "checkpoints" / m / "unimodal" / "last" / "6" / "state").write_text(m)
+        (source / "tensorboard" / m / "unimodal").mkdir(parents=True)
+        (source / "checkpoints" / m / "fusion" / "last" / "6").mkdir(parents=True)
+    write_json(str(source / "config.json"),
+               cross_validation.run_config_dict(config_lib.resolve(config())), sort_keys=True)
+
+    target = tmp_path / "ours-wd"
+    assert pp.share_unimodal_phase(str(source), str(target),
+                                   config(fusion__weight_decay=0.01, model__gumbel_at_test=True)) == 4
+    for m in members:
+        state = target / "checkpoints" / m / "unimodal" / "last" / "6" / "state"
+        assert state.read_text() == m
+        assert (target / "tensorboard" / m / "unimodal").is_dir()
+        assert not (target / "checkpoints" / m / "fusion").exists()
+    assert pp.share_unimodal_phase(str(source), str(target), config(fusion__weight_decay=0.01)) == 0
+
+    for changed in (config(model__alpha_bias_init=0.0), config(unimodal__clip_per_branch=True),
+                    config(model__attention_output_projection=False)):
+        assert pp.share_unimodal_phase(str(source), str(tmp_path / "other"), changed) == 0
+    assert not (tmp_path / "other").exists()
+
+    import shutil
+    shutil.rmtree(source / "checkpoints" / members[-1] / "unimodal" / "last" / "6")
+    assert pp.share_unimodal_phase(str(source), str(tmp_path / "early"),
+                                   config(fusion__weight_decay=0.01)) == 0
