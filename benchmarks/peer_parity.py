@@ -80,6 +80,10 @@ its output there is reused when made with the same settings and data).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import ast
 import contextlib
 import functools

@@ -11,6 +11,10 @@ first `--depth` levels of the scope, largest first, plus the largest single ops.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import collections
 import glob
 import gzip

@@ -14,6 +14,10 @@ of runs, and seconds per run-epoch. Runs on whatever JAX finds (CPU here; a GPU 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import json
 import os
 import platform

@@ -26,6 +26,10 @@ branch per run, so the unimodal comparison is per branch (ours / 3).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import json
 import os
 import statistics
@@ -191,6 +195,8 @@ def main(argv):
     report = {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
               "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
               "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              # surgfusion_jax.runtime; PAMFN's process inherits the same environment
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "matmul_ceiling_gflops": ceiling,
               "config": {"batch": b, "length": t, "features": _FEATURES.value,
                          "embed_features": _EMBED.value, "candidates": _CANDIDATES.value,

@@ -40,6 +40,10 @@ Behaviour:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import dataclasses
 import functools
 import logging

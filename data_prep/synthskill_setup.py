@@ -16,6 +16,10 @@ says which videos and why).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import os
 import sys
 import time

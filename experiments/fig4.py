@@ -28,6 +28,10 @@ there is none, git commit, config).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import functools
 import os
 import sys

@@ -20,6 +20,10 @@ beside the paper's SU numbers; no Across-Tasks rows.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 from typing import Any, Mapping, Sequence
 
 from absl import app

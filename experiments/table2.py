@@ -12,6 +12,10 @@ and `table2_provenance.json` (see experiments.common for the protocols and colum
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 from absl import app
 
 from experiments import cli, runner, spec

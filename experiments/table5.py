@@ -13,6 +13,10 @@ The 2-head run is the full model shared with Tables II-IV under the same --workd
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 from absl import app
 
 from experiments import cli, runner, spec

@@ -13,6 +13,10 @@ resume). A config with a `synthskill` block (configs/demo.py) trains on features
 `python -m data_prep.synthskill_setup` first (`make demo` runs both).
 """
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -34,6 +34,10 @@ checkpoint (the message names the fix).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything loads: glibc reads its tunables at start
+    from surgfusion_jax import runtime
+    runtime.reexec_with_tuned_malloc()
+
 import functools
 import os
 import re

@@ -60,7 +60,8 @@ def git_state(root: str = REPO_ROOT) -> dict[str, Any]:
 
 
 def record(root: str = REPO_ROOT) -> dict[str, Any]:
-    """Package versions, Python, platform, XLA_FLAGS and the git commit (+ dirty flag)."""
+    """Package versions, Python, platform, XLA_FLAGS, glibc's allocator tunables
+    (`runtime`) and the git commit (+ dirty flag)."""
     return {
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -68,5 +69,6 @@ def record(root: str = REPO_ROOT) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "git": git_state(root),
     }

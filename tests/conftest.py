@@ -16,6 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
+# glibc's allocator tunables (`runtime`), as the entry points set them: inherited by the
+# pytest-xdist workers `make test` starts and by the tests' subprocesses.
+from surgfusion_jax import runtime  # noqa: E402  (light: no JAX)
+
+os.environ.update(runtime.tuned_environ(os.environ) or {})
 _CACHE = os.environ.get("SURGFUSION_TEST_JAX_CACHE",
                         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      "build", "jax-test-cache"))
