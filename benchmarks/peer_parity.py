@@ -51,6 +51,9 @@ lockstep; `ms_per_program_step` is the median epoch time of the scanned training
 (`train.train_epochs`, timed here by wrapping it, with a device sync after each epoch;
 the first epoch, which compiles, is left out) divided by the steps per epoch, and
 `ms_per_run_step` that divided by the number of runs. Wall times include evaluation.
+Both sides run under the same glibc allocator tunables (this script re-executes with
+them, `surgfusion_jax/runtime.py`, and PAMFN's process inherits its environment;
+SURGFUSION_MALLOC_TUNING=0 runs both with glibc's defaults).
 Both sides share the machine's cores; run nothing else beside a measurement (on a
 loaded 2-core machine PyTorch's default threads made one PAMFN fold take 467 s instead of
 ~8 s; `--torch_threads=1` limits the damage).
