@@ -571,10 +571,11 @@ def share_unimodal_phase(source: str, target: str, config) -> int:
     current = cross_validation.run_config_dict(config_lib.resolve(config))
     if _unimodal_phase_config(read_json(saved)) != _unimodal_phase_config(to_jsonable(current)):
         return 0
-    runs = sorted(glob.glob(os.path.join(source, "checkpoints", "*", "*", train.PHASES[0])))
-    epochs = config.unimodal.num_epochs
-    finished = [d for d in runs
-                if str(epochs) in os.listdir(os.path.join(d, "last"))] if runs else []
+    # one folder per run: checkpoints/<run name>/unimodal (`RunData.checkpoint_dir`)
+    runs = sorted(glob.glob(os.path.join(source, "checkpoints", "**", train.PHASES[0]),
+                            recursive=True))
+    last = str(config.unimodal.num_epochs)
+    finished = [d for d in runs if os.path.isdir(os.path.join(d, "last", last))]
     if not finished or len(finished) != len(runs):
         return 0
     copied = 0

@@ -218,6 +218,14 @@ def test_peer_parity_shares_the_unimodal_phase_only_when_it_is_the_same(tmp_path
         assert pp.share_unimodal_phase(str(source), str(tmp_path / "other"), changed) == 0
     assert not (tmp_path / "other").exists()
 
+    one_seed = tmp_path / "one-seed"  # a run of one seed names its runs by fold alone
+    for m in ("fold_1", "fold_2"):
+        (one_seed / "checkpoints" / m / "unimodal" / "last" / "6").mkdir(parents=True)
+    (one_seed / "config.json").write_text((source / "config.json").read_text())
+    assert pp.share_unimodal_phase(str(one_seed), str(tmp_path / "one-seed-wd"),
+                                   config(fusion__weight_decay=0.01)) == 2
+    assert (tmp_path / "one-seed-wd" / "checkpoints" / "fold_2" / "unimodal" / "last" / "6").is_dir()
+
     import shutil
     shutil.rmtree(source / "checkpoints" / members[-1] / "unimodal" / "last" / "6")
     assert pp.share_unimodal_phase(str(source), str(tmp_path / "early"),
