@@ -69,11 +69,13 @@ comparison of the training loops with less seed noise. Only preset `pamfn` and i
 variants have PAMFN's parameters; it needs `--pamfn_dir` and `--torch_python`.
 
 Shared unimodal phase. A variant whose switches act only in the fusion phase
-(FUSION_PHASE_FIELDS: `fusion.*`, `model.gumbel_at_test`) trains the very unimodal phase of
-its preset's run; when that run (`ours-<preset>`) is finished in the same workdir, its
-unimodal checkpoints are copied into the variant's folder and the variant resumes at its
-fusion phase (`--noshare_unimodal` retrains them). Its branch readings then equal the
-preset's by construction, and its unimodal step time is not measured.
+(FUSION_PHASE_FIELDS: `fusion.*`, `model.gumbel_at_test`, `model.broadcast_dropout`)
+trains the very unimodal phase of its preset's run; when that run (`ours-<preset>`) is
+finished in the same workdir, its unimodal checkpoints are copied into the variant's
+folder and the variant resumes at its fusion phase (`--noshare_unimodal` retrains them).
+Its branch readings then equal the preset's by construction (variants retrained from
+scratch reproduced them byte for byte, docs/parity.md), and its unimodal step time is
+not measured.
 
 `--workdir` keeps the generated data, the export, PAMFN's raw output
 (`pamfn_output.json`) and our runs (`ours-<preset>/`, with results.json); a second call
@@ -131,7 +133,8 @@ READING_NOTES = {"final": "last epoch (unbiased)",
 PAMFN = "pamfn"
 # Config fields that act only in the fusion phase: neither the unimodal phase's training
 # and evaluation nor the model's parameters and their initial draws depend on them.
-FUSION_PHASE_FIELDS = ("fusion", "model.gumbel_at_test")
+# (`model.broadcast_dropout` is the CSFB/DFB attention dropout's mask shape.)
+FUSION_PHASE_FIELDS = ("fusion", "model.gumbel_at_test", "model.broadcast_dropout")
 
 _DATASET = flags.DEFINE_enum("dataset", None, ["complementary"],
                              "Generate a dataset (else --data_dir/--name).")

@@ -212,6 +212,8 @@ def test_peer_parity_shares_the_unimodal_phase_only_when_it_is_the_same(tmp_path
         assert (target / "tensorboard" / m / "unimodal").is_dir()
         assert not (target / "checkpoints" / m / "fusion").exists()
     assert pp.share_unimodal_phase(str(source), str(target), config(fusion__weight_decay=0.01)) == 0
+    assert pp.share_unimodal_phase(str(source), str(tmp_path / "dropout"),
+                                   config(model__broadcast_dropout=False)) == 4
 
     for changed in (config(model__alpha_bias_init=0.0), config(unimodal__clip_per_branch=True),
                     config(model__attention_output_projection=False)):
