@@ -91,6 +91,7 @@ if __name__ == "__main__":  # before anything loads: glibc reads its tunables at
 
 import ast
 import contextlib
+import copy
 import functools
 import glob
 import hashlib
@@ -553,7 +554,7 @@ def pamfn_initial_weights(config, workdir: str, npz: str, window: int) -> str:
 
 def _unimodal_phase_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A run's saved config (`config.json`) without the fields of FUSION_PHASE_FIELDS."""
-    kept = json.loads(json.dumps(config))
+    kept = copy.deepcopy(dict(config))
     for field in FUSION_PHASE_FIELDS:
         section, _, name = field.rpartition(".")
         (kept.get(section, {}) if section else kept).pop(name, None)
@@ -617,8 +618,7 @@ def run_ours(label: str, preset: str, overrides: Mapping[str, Any], dataset, fol
         raise ParityError(f"{splits_file} holds other folds than this benchmark's; use a new "
                           "--workdir.")
     shared = 0
-    if _SHARE_UNIMODAL.value and label != preset and all(
-            any(f == p or f.startswith(p + ".") for p in FUSION_PHASE_FIELDS) for f in overrides):
+    if _SHARE_UNIMODAL.value and label != preset:  # it compares the configs itself
         shared = share_unimodal_phase(os.path.join(root, f"ours-{preset}"), workdir, config)
         if shared:
             print(f"peer_parity: ours-{label}: the unimodal phase of {shared} runs copied from "
