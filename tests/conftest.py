@@ -1,9 +1,11 @@
 """Test-wide settings: quiet TensorFlow, JAX on the CPU, cheap XLA compiles.
 
 The suite is dominated by XLA:CPU compile time of small models, not by run time, so
-  * the backend's optimisation level is lowered and LLVM's expensive passes are off, for
-    tests only (float results move by ~1e-7; references are compared within tolerances,
-    and learning tests keep their margins);
+  * the backend's optimisation level is lowered, LLVM's expensive passes are off and
+    fused kernels go through XLA:CPU's older IR emitters instead of its MLIR fusion
+    emitters (a third less compile time on the suite's tiny runs, docs/performance.md),
+    for tests only (float results move by ~1e-7; references are compared within
+    tolerances, and learning tests keep their margins);
   * compiled programs go to a persistent compilation cache shared by the session's
     workers (`make test` runs pytest-xdist), so a program that several test modules
     compile (the same small config, the same shapes) is compiled once. The cache starts
@@ -15,7 +17,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+                      "--xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
 # glibc's allocator tunables (`runtime`), as the entry points set them: inherited by the
 # pytest-xdist workers `make test` starts and by the tests' subprocesses.
 from surgfusion_jax import runtime  # noqa: E402  (light: no JAX)
