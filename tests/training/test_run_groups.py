@@ -37,16 +37,7 @@ def test_a_group_of_runs_equals_each_run_alone(alone, group_run, data_dir, tmp_p
     moved by 1.2e-4 on an AMD EPYC host where an Intel one stayed within 1e-4)."""
     mapped, _ = cv.run_cross_validation(tiny_config(data_dir, "noise", run_axis="map", **GROUP),
                                         str(tmp_path / "mapped"))
-    for a, b in zip(mapped["folds"], alone["folds"]):
-        for model in ("rgb", "flow", "mask", "fused"):
-            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
-                for key in ("loss", "scc", "mae", "val_scc", "val_mae"):
-                    if model == "fused" and key.endswith("scc"):
-                        continue  # ranks of near-equal predictions (as for vmap below)
-                    scale = NORMALISED if key.endswith("mae") else 1.0  # mae: score units
-                    tol = 1e-6 if model != "fused" else 1e-3
-                    assert ha[key] == pytest.approx(hb[key], abs=tol * scale), (model, key)
-    assert_same_predictions(mapped, alone, lambda model: 1e-6 if model != "fused" else 1e-3)
+    _assert_same_runs(mapped, alone, 1e-6, ("loss", "scc", "mae", "val_scc", "val_mae"))
 
     workdir, batched = group_run
     assert [len(g) for g in runs.load_run(str(workdir)).groups()] == [4]
@@ -55,15 +46,25 @@ def test_a_group_of_runs_equals_each_run_alone(alone, group_run, data_dir, tmp_p
     assert os.path.isdir(workdir / "checkpoints" / "seed_1" / "fold_2" / "fusion")
     for a, b in zip(batched["folds"], alone["folds"]):
         assert (a["seed"], a["name"], a["val"]) == (b["seed"], b["name"], b["val"])
-        for model in ("rgb", "flow", "mask", "fused"):
-            tol = 1e-5 if model != "fused" else 1e-3
-            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
-                assert ha["loss"] == pytest.approx(hb["loss"], abs=tol)
-                if model != "fused":
-                    assert ha["scc"] == pytest.approx(hb["scc"], abs=1e-5)
-                for key in ("mae", "val_mae"):
-                    assert ha[key] == pytest.approx(hb[key], abs=tol * NORMALISED)
-    assert_same_predictions(batched, alone, lambda model: 1e-5 if model != "fused" else 1e-3)
+    _assert_same_runs(batched, alone, 1e-5, ("loss", "scc", "mae", "val_mae"))
     # the two seeds are different runs of the same folds
     assert batched["folds"][0]["models"]["fused"]["history"][-1]["loss"] != \
         batched["folds"][2]["models"]["fused"]["history"][-1]["loss"]
+
+
+def _assert_same_runs(got, want, branch_tol, keys):
+    """Per run, the history entries `keys` and the final predictions of `got` equal
+    `want`'s: the branches to `branch_tol`, the fused model to 1e-3 without its SCC (ranks
+    of near-equal predictions); MAE in score units, so scaled by NORMALISED."""
+    def tol(model):
+        return branch_tol if model != "fused" else 1e-3
+
+    for a, b in zip(got["folds"], want["folds"]):
+        for model in ("rgb", "flow", "mask", "fused"):
+            for ha, hb in zip(a["models"][model]["history"], b["models"][model]["history"]):
+                for key in keys:
+                    if model == "fused" and key.endswith("scc"):
+                        continue
+                    scale = NORMALISED if key.endswith("mae") else 1.0
+                    assert ha[key] == pytest.approx(hb[key], abs=tol(model) * scale), (model, key)
+    assert_same_predictions(got, want, tol)
