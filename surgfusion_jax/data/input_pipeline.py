@@ -19,7 +19,8 @@ Evaluation uses every segment of each video. To avoid one compilation per distin
 length, videos are grouped into length buckets (`bucket_length`: powers of two, at
 least `min_bucket`) and evaluated in batches of fixed size padded with valid=False
 (`make_eval_plan`); the model's `valid` masking makes the padded result equal to the
-unpadded one, so eval compiles at most once per bucket.
+unpadded one, so eval compiles at most once per bucket. Runs trained together score
+only their own evaluation videos, side by side (`make_runs_eval_plan`).
 """
 
 from __future__ import annotations
@@ -171,3 +172,40 @@ def make_eval_plan(lengths: Sequence[int], indices: Sequence[int], batch_size: i
             plan.append(EvalBatch(length=length, idx=pad_indices(chunk, batch_size),
                                   count=len(chunk)))
     return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsEvalBatch:
+    """One evaluation batch of R runs side by side, each on its own videos: `length`
+    static, `idx` int32 [R, E] (row r: run r's videos, padded), `count` int [R] real rows
+    per run (0: run r has nothing in this batch; its row only repeats a video)."""
+
+    length: int
+    idx: np.ndarray
+    count: np.ndarray
+
+
+def make_runs_eval_plan(lengths: Sequence[int], run_indices: Sequence[Sequence[int]],
+                        batch_size: int, min_bucket: int = 8) -> list[RunsEvalBatch]:
+    """The `make_eval_plan` of every run's own videos `run_indices[r]`, batch by batch.
+
+    Run r's rows, in order, are the batches of `make_eval_plan(lengths, run_indices[r],
+    ...)`, so a run is scored on the same batches in a group as alone, and a group of
+    k-fold runs scores each run's test fold instead of the union of all folds (k times
+    fewer rows). A bucket gets as many batches as its fullest run needs; the other runs
+    fill those rows with a video of the bucket, at count 0.
+    """
+    plans = [make_eval_plan(lengths, indices, batch_size, min_bucket) if len(indices) else []
+             for indices in run_indices]
+    buckets = sorted({b.length for plan in plans for b in plan})
+    out = []
+    for length in buckets:
+        own = [[b for b in plan if b.length == length] for plan in plans]
+        filler = next(b.idx for batches in own for b in batches)
+        for k in range(max(len(batches) for batches in own)):
+            rows = [batches[k] if k < len(batches) else None for batches in own]
+            out.append(RunsEvalBatch(
+                length=length,
+                idx=np.stack([filler if b is None else b.idx for b in rows]),
+                count=np.asarray([0 if b is None else b.count for b in rows], np.int64)))
+    return out

@@ -2,8 +2,8 @@
 
 `run_phase(states, data, members, ...)` trains R runs whose TrainStates are stacked on a
 leading run axis: each epoch is one call of `train.train_epochs` (all runs' steps in one
-vmapped `lax.scan`) followed by one evaluation of every run on the union of their
-evaluation videos (`train.evaluate_stacked`); the host then reads each run's test (and
+vmapped `lax.scan`) followed by one evaluation of every run on its own evaluation
+videos, side by side (`train.evaluate_stacked`, `eval_plan`); the host then reads each run's test (and
 validation) metrics, picks its best epoch (paper protocol: highest test-fold
 `selection_value`), and writes its TensorBoard scalars and its own checkpoints. A run
 alone is the group of one (`run_single_phase`).
@@ -91,13 +91,13 @@ def selection_value(head_metrics: Mapping[str, Mapping[str, float]]) -> float:
 
 
 def eval_plan(data: input_pipeline.DeviceData, eval_sets: Sequence[Mapping[str, EvalSet]],
-              batch_size: int, min_bucket: int) -> list[input_pipeline.EvalBatch]:
-    """The bucketed plan over the union of the runs' evaluation videos (`eval_sets`: each
-    run's {'test': ..., 'val': ...})."""
-    indices = sorted({int(i) for sets in eval_sets for es in sets.values()
-                      for i in es.indices})
-    lengths = np.asarray(data.lengths)
-    return input_pipeline.make_eval_plan(lengths, indices, batch_size, min_bucket)
+              batch_size: int, min_bucket: int) -> list[input_pipeline.RunsEvalBatch]:
+    """The bucketed plan of every run's own evaluation videos (`eval_sets`: each run's
+    {'test': ..., 'val': ...}), the runs side by side (`make_runs_eval_plan`)."""
+    run_indices = [sorted({int(i) for es in sets.values() for i in es.indices})
+                   for sets in eval_sets]
+    return input_pipeline.make_runs_eval_plan(np.asarray(data.lengths), run_indices,
+                                              batch_size, min_bucket)
 
 
 def place_runs(tree: Any, num_runs: int) -> Any:

@@ -229,7 +229,7 @@ def evaluate(run: RunData, group: Sequence[MemberSpec], variables: Sequence[Mapp
     """Normalised predictions {head: [N]} (NaN outside the plan) of each member of `group`
     with its `variables`, scored together as training scores them (module docstring).
 
-    `plan` defaults to the group's training plan: the union of its evaluation videos."""
+    `plan` defaults to the group's training plan: each member's own evaluation videos."""
     cfg = run.config[phase]
     states = train.create_train_states(run.model, train.stack(variables),
                                        train.phase_optimizer(run.config, phase), phase,

@@ -390,21 +390,31 @@ def train_epochs(states: TrainState, data: input_pipeline.DeviceData, train_idx:
 @functools.partial(jax.jit, static_argnames=("length", "run_axis"))
 def predict_batches(states: TrainState, data: input_pipeline.DeviceData, idx: Array, *,
                     length: int, run_axis: str = "vmap") -> dict[str, Array]:
-    """Scores [R, E] of the videos `idx` [E] under each of the R stacked `states`, all
-    segments, padded to the bucket `length`."""
-    inputs, valid = input_pipeline.gather_eval_batch(data, idx, length)
-    return over_runs(lambda s: eval_step(s, {"inputs": inputs, "valid": valid}), run_axis,
-                     states)
+    """Scores [R, E] of the R stacked `states`, all segments padded to the bucket
+    `length`: of the videos `idx` [E] under every run, or with `idx` [R, E] of row r's
+    videos under run r."""
+    if idx.ndim == 1:  # one gather serves every run
+        inputs, valid = input_pipeline.gather_eval_batch(data, idx, length)
+        return over_runs(lambda s: eval_step(s, {"inputs": inputs, "valid": valid}),
+                         run_axis, states)
+
+    def run_scores(state, run_idx):
+        inputs, valid = input_pipeline.gather_eval_batch(data, run_idx, length)
+        return eval_step(state, {"inputs": inputs, "valid": valid})
+
+    return over_runs(run_scores, run_axis, states, idx)
 
 
 def evaluate_stacked(states: TrainState, data: input_pipeline.DeviceData,
-                     plan: Sequence[input_pipeline.EvalBatch], run_axis: str = "vmap"
-                     ) -> dict[str, np.ndarray]:
+                     plan: Sequence[input_pipeline.EvalBatch | input_pipeline.RunsEvalBatch],
+                     run_axis: str = "vmap") -> dict[str, np.ndarray]:
     """Predictions (normalised, float64) {head: [R, N]} of the R stacked `states` for the
-    videos of `plan`, at their dataset index (entries of videos not in the plan: NaN).
+    videos of `plan`, at their dataset index (entries a run was not asked to score: NaN).
+    `plan`: `make_eval_plan`'s batches (the same videos for every run) or
+    `make_runs_eval_plan`'s (each run its own).
 
     Each run's predictions do not depend on the other runs' values, so scoring a
-    checkpoint again in a group of the same size reproduces them bit for bit.
+    checkpoint again in a group of the same size and plan reproduces them bit for bit.
     """
     outputs = [(b, predict_batches(states, data, jnp.asarray(b.idx), length=b.length,
                                    run_axis=run_axis))
@@ -412,8 +422,13 @@ def evaluate_stacked(states: TrainState, data: input_pipeline.DeviceData,
     result: dict[str, np.ndarray] = {}
     for b, out in outputs:
         for head, values in jax.device_get(out).items():
+            values = np.asarray(values, np.float64)
             col = result.setdefault(head, np.full((values.shape[0], data.num_videos), np.nan))
-            col[:, b.idx[:b.count]] = np.asarray(values, np.float64)[:, :b.count]
+            if isinstance(b, input_pipeline.RunsEvalBatch):
+                for r, (idx, count) in enumerate(zip(b.idx, b.count)):
+                    col[r, idx[:count]] = values[r, :count]
+            else:
+                col[:, b.idx[:b.count]] = values[:, :b.count]
     return result
 
 

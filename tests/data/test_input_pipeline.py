@@ -107,6 +107,26 @@ def test_eval_plan_groups_by_bucket_in_fixed_size_batches():
             assert ip.bucket_length(lengths[i], 8) == b.length
 
 
+def test_runs_eval_plan_gives_each_run_its_own_plan_side_by_side():
+    lengths = [3, 30, 9, 12, 7, 64, 16, 2, 20]
+    run_indices = [[0, 1, 2, 3, 4, 7], [5, 6], [], [7, 8, 2]]
+    plan = ip.make_runs_eval_plan(lengths, run_indices, batch_size=2, min_bucket=8)
+    assert all(b.idx.shape == (4, 2) and b.count.shape == (4,) for b in plan)
+    for r, indices in enumerate(run_indices):
+        alone = ip.make_eval_plan(lengths, indices, 2, 8) if indices else []
+        rows = [(b.length, b.idx[r], b.count[r]) for b in plan if b.count[r]]
+        assert len(rows) == len(alone)  # run r's batches, in order, are its plan alone
+        for (length, idx, count), want in zip(rows, alone):
+            assert (length, count) == (want.length, want.count)
+            np.testing.assert_array_equal(idx, want.idx)
+    for b in plan:  # padding rows repeat a video of the same bucket
+        for r in np.flatnonzero(b.count == 0):
+            assert all(ip.bucket_length(lengths[i], 8) == b.length for i in b.idx[r])
+    # the fullest run sets a bucket's batch count: bucket 8 holds run 0's 0, 4, 7
+    assert sum(b.length == 8 for b in plan) == 2
+    assert ip.make_runs_eval_plan(lengths, [[], []], 2, 8) == []
+
+
 def test_gather_eval_batch_cuts_to_length_with_valid_mask():
     samples = _samples([3, 11])
     data = ip.make_device_data(samples, MODS, 30.0)

@@ -228,6 +228,27 @@ def test_eval_step_is_per_video_and_deterministic():
     np.testing.assert_allclose(full["rgb"][0, 2], alone["rgb"][0, 0], rtol=1e-6)
 
 
+def test_evaluate_stacked_scores_each_run_on_its_own_videos():
+    _, data = _data()
+    states = [_state("unimodal")]
+    states.append(_step(states[0], _batch(data, [0, 1, 2, 3], jax.random.PRNGKey(0)),
+                        jax.random.PRNGKey(1))[0])
+    stacked = train.stack(states)
+    own = [[1, 3], [0, 2, 3]]
+    lengths = np.asarray(data.lengths)
+    shared = train.evaluate_stacked(stacked, data, ip.make_eval_plan(lengths, [0, 1, 2, 3], 2))
+    per_run = train.evaluate_stacked(stacked, data, ip.make_runs_eval_plan(lengths, own, 2))
+    for r, videos in enumerate(own):
+        others = np.setdiff1d(np.arange(data.num_videos), videos)
+        for head, p in per_run.items():
+            np.testing.assert_allclose(p[r, videos], shared[head][r, videos], rtol=1e-6)
+            assert np.isnan(p[r, others]).all()
+        alone = train.evaluate_stacked(train.stack([states[r]]), data,
+                                       ip.make_runs_eval_plan(lengths, [videos], 2))
+        for head, p in alone.items():  # the same batches alone as in the group
+            np.testing.assert_allclose(p[0], per_run[head][r], rtol=1e-6)
+
+
 def _manual_epoch(state, data, train_idx, rng, batch_size, steps):
     """Reference: the epoch's batches and steps one at a time on the host."""
     state = train.with_learning_rate(state, 3e-3)
