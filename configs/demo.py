@@ -12,6 +12,8 @@ retrain on the cached features and compiled code.
 Measured on 2 CPU cores: render 7 s and prep 54 s (`data_prep.synthskill_setup`, idle);
 training 5 seeds x 4 folds together took 5 min 25 s idle with this file's embedding of
 512 (`time make demo` with the features prepared, 2026-12-01; 4 min 03 s with 128 on 2026-11-30).
+On 2026-12-02's AMD EPYC (AVX-512) a fresh clone took 13 min 19 s in all, of which
+rendering and prep 106 s and training 9 min (docs/performance.md, "The demo").
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
