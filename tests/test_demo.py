@@ -61,7 +61,7 @@ def test_demo_path_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_demo_learns_skill(tmp_path):
-    """`make demo` as shipped (render, prep, 120 + 120 epochs, 4 folds; ~4 min): the
+    """`make demo` as shipped (render, prep, 60 + 60 epochs, 4 folds, 5 seeds): the
     models must rank held-out surgeons' videos, and fusion must not fall far behind the
     best single modality (3 seeds measured: fused final SCC 0.68-0.79, best branch
     0.64-0.80)."""
