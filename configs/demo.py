@@ -14,7 +14,7 @@ training 5 seeds x 4 folds together took 5 min 25 s idle with this file's embedd
 512 (`time make demo` with the features prepared, 2026-12-01; 4 min 03 s with 128 on 2026-11-30).
 On 2026-12-02's AMD EPYC (AVX-512) a fresh clone took 13 min 19 s in all at 120 + 120
 epochs, of which rendering and prep 106 s and training 9 min (docs/performance.md, "The
-demo"); hence 60 + 60.
+demo"); hence 60 + 60, with which a fresh clone's `make demo` took 9 min 27 s there.
 
 Settings reduced from the paper's so that the whole demo runs in minutes on 2 CPU cores:
   * I3D input 32 px instead of 224 (prep_image_size); SynthSkill renders at 128 px;
