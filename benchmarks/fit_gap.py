@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from surgfusion_jax import provenance  # noqa: E402
+from surgfusion_jax.data import input_pipeline  # noqa: E402
 from surgfusion_jax.evaluation import metrics  # noqa: E402
 from surgfusion_jax.io import to_jsonable  # noqa: E402
-from surgfusion_jax.training import phase as phase_lib  # noqa: E402
 from surgfusion_jax.training import runs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -48,9 +48,10 @@ def fit_gap(workdir: str, checkpoint: str = "last") -> dict:
     everything = run.eval_set([s["video_id"] for s in run.samples])
     scores = np.asarray(run.scores, float)
     per_head: dict[str, list[dict]] = {}
+    # every member scores every video: one shared plan, one gather for all members
+    plan = input_pipeline.make_eval_plan(np.asarray(run.data.lengths), everything.indices,
+                                         run.config.eval_batch_size, run.config.min_bucket)
     for group in run.groups():
-        plan = phase_lib.eval_plan(run.data, [{"all": everything}] * len(group),
-                                   run.config.eval_batch_size, run.config.min_bucket)
         for phase in train.PHASES:
             try:
                 variables = [runs.restore(run, m.name, phase, checkpoint)[0] for m in group]

@@ -195,8 +195,7 @@ def make_runs_eval_plan(lengths: Sequence[int], run_indices: Sequence[Sequence[i
     fewer rows). A bucket gets as many batches as its fullest run needs; the other runs
     fill those rows with a video of the bucket, at count 0.
     """
-    plans = [make_eval_plan(lengths, indices, batch_size, min_bucket) if len(indices) else []
-             for indices in run_indices]
+    plans = [make_eval_plan(lengths, indices, batch_size, min_bucket) for indices in run_indices]
     buckets = sorted({b.length for plan in plans for b in plan})
     out = []
     for length in buckets:

@@ -3,8 +3,8 @@
 `run_phase(states, data, members, ...)` trains R runs whose TrainStates are stacked on a
 leading run axis: each epoch is one call of `train.train_epochs` (all runs' steps in one
 vmapped `lax.scan`) followed by one evaluation of every run on its own evaluation
-videos, side by side (`train.evaluate_stacked`, `eval_plan`); the host then reads each run's test (and
-validation) metrics, picks its best epoch (paper protocol: highest test-fold
+videos, side by side (`train.evaluate_stacked`, `eval_plan`); the host then reads each
+run's test (and validation) metrics, picks its best epoch (paper protocol: highest test-fold
 `selection_value`), and writes its TensorBoard scalars and its own checkpoints. A run
 alone is the group of one (`run_single_phase`).
 
