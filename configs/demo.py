@@ -24,7 +24,7 @@ Settings reduced from the paper's so that the whole demo runs in minutes on 2 CP
     per fold), training window 16 segments (covers every SynthSkill video). 60 + 60
     against the earlier 120 + 120, paired over the 5 seeds (2026-12-02): fused final
     SCC +0.016 +- 0.059, branches -0.011 (rgb) to +0.052 (mask), in half the training
-    time (docs/performance.md, "The demo");
+    time (docs/parity.md, "SynthSkill demo: 60 + 60 epochs");
   * fusion AdamW at 3e-3 instead of 1e-3 and no x0.1 head learning rate (few steps:
     at 1e-3 the fused model underfits: final-epoch SCC 0.47 against 0.74, seeds 0-1);
   * checkpoints only at the end of each phase; one evaluation batch per fold;
