@@ -7,6 +7,11 @@ Traces `--steps` steps with `jax.profiler` (a perfetto trace under `--logdir`), 
 executed XLA op to the `op_name` metadata of the compiled HLO (e.g.
 `fusion/stage1/dfb/fusion_nets/ffn1/conv/...`), and reports milliseconds per step for the
 first `--depth` levels of the scope, largest first, plus the largest single ops.
+
+It also reports the floor that the step's matrix products set (`xla_products.py`: every
+dot of the compiled step timed alone, summed: `products_alone_ms`) beside the untraced
+step's own median (`step_ms`); whatever else the step does (normalisation, masks,
+activations, the optimizer) takes the difference (`rest_ms`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from surgfusion_jax import config_lib
 from surgfusion_jax.data import feature_dataset
 from surgfusion_jax.training import train
 
+import xla_products  # benchmarks/xla_products.py, beside this script
+
 _PHASE = flags.DEFINE_enum("phase", "fusion", list(train.PHASES), "Training phase.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size B.")
 _LENGTH = flags.DEFINE_integer("length", 64, "Segments per sample T.")
@@ -37,6 +44,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Scope levels to group by.")
 _TOP = flags.DEFINE_integer("top", 25, "Scopes and ops to report.")
 _LOGDIR = flags.DEFINE_string("logdir", "/tmp/surgfusion_profile", "Trace folder (replaced).")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed runs of the step and of each product.")
 
 _OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
 _SKIP = ("jvp(", "transpose(", "while", "body", "checkpoint", "jit(")
@@ -58,8 +66,9 @@ def main(argv):
                                      learning_rate=cfg.learning_rate)
     compiled = jax.jit(train.train_step).lower(state, batch, keys[0]).compile()
     scope = {m.group(1): m.group(2) for m in map(_OP.match, compiled.as_text().splitlines()) if m}
-    for _ in range(2):
-        jax.block_until_ready(compiled(state, batch, keys[0]))
+    step_s = xla_products.median_s(compiled, state, batch, keys[0], repeats=_REPEATS.value)
+    floor = xla_products.products_alone(xla_products.products(compiled.as_text()),
+                                        _REPEATS.value)
     shutil.rmtree(_LOGDIR.value, ignore_errors=True)
     with jax.profiler.trace(_LOGDIR.value, create_perfetto_trace=True):
         for _ in range(_STEPS.value):
@@ -77,6 +86,8 @@ def main(argv):
     per_step = lambda us: us / _STEPS.value / 1e3  # noqa: E731
     print(json.dumps({
         "phase": _PHASE.value, "batch": b, "length": t, "steps": _STEPS.value,
+        "step_ms": 1e3 * step_s, **floor,
+        "rest_ms": 1e3 * step_s - floor["products_alone_ms"],
         "xla_ops_ms_per_step": per_step(sum(by_op.values())),
         "by_scope_ms": {k: per_step(v) for k, v in by_scope.most_common(_TOP.value)},
         "top_ops_ms": {f"{k} {scope[k]}": per_step(v) for k, v in by_op.most_common(_TOP.value)},

@@ -26,6 +26,8 @@ def _train_step_report(tmp_path, phases):
         step, epoch = report["phases"][phase]["step"], report["phases"][phase]["epoch"]
         assert step["median_ms"] > 0 and step["flops_per_step"] > 0
         assert 0 < step["fraction_of_matmul_ceiling"]
+        assert step["products"] > 0 and step["products_alone_ms"] > 0
+        assert step["products_gflop"] <= step["flops_per_step"] / 1e9
         assert epoch["steps"] == 1 and epoch["ms_per_step"] > 0
     assert "pamfn" not in report  # only with --pamfn_dir
 
@@ -85,14 +87,17 @@ def test_peer_parity_reports_our_side_on_complementary_data(tmp_path):
 
 
 @functools.lru_cache(maxsize=None)  # once per process: absl refuses a flag defined twice
-def _peer_parity():
-    """benchmarks/peer_parity.py as a module (its absl flags are only defined, not parsed)."""
+def _benchmark(name):
+    """benchmarks/<name>.py as a module (its absl flags are only defined, not parsed)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "peer_parity", os.path.join(REPO, "benchmarks", "peer_parity.py"))
+        name, os.path.join(REPO, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_peer_parity = functools.partial(_benchmark, "peer_parity")
 
 
 def test_peer_parity_branch_mean_and_fusion_gain_against_scipy():
@@ -232,3 +237,42 @@ def test_peer_parity_shares_the_unimodal_phase_only_when_it_is_the_same(tmp_path
     shutil.rmtree(source / "checkpoints" / members[-1] / "unimodal" / "last" / "6")
     assert pp.share_unimodal_phase(str(source), str(tmp_path / "early"),
                                    config(fusion__weight_decay=0.01)) == 0
+
+
+def test_xla_products_finds_every_product_of_a_compiled_step():
+    """The products-alone floor reads each dot of a compiled module (inside fusions too)
+    with its shapes and dimension numbers: the FLOPs it sums are the hand count of the
+    four products of a plain and a batched product's forward and weight gradient."""
+    import jax
+    import jax.numpy as jnp
+    xp = _benchmark("xla_products")
+
+    def loss(w, v, x, u):  # x [N, C] @ w [C, D]; batched u [K, N, D] @ v [K, D, E]
+        return jnp.sum(jnp.sin(x @ w)) + jnp.sum(jnp.sin(jnp.einsum("knd,kde->kne", u, v)))
+
+    n, c, d, k, e = 32, 16, 8, 3, 4
+    args = (jnp.ones((c, d)), jnp.ones((k, d, e)), jnp.ones((n, c)), jnp.ones((k, n, d)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))  # x and u are not differentiated
+    found = xp.products(grad.lower(*args).compile().as_text())
+    assert sum(found.values()) == 4, found  # two forward, two weight gradients
+    floor = xp.products_alone(found, repeats=2)
+    assert floor["products"] == 4
+    hand_count = 2 * (2 * n * c * d + 2 * k * n * d * e)  # two products of each
+    assert floor["products_gflop"] == pytest.approx(hand_count / 1e9)
+    assert floor["products_alone_ms"] > 0
+
+
+def test_xla_products_refuses_a_product_inside_a_loop_or_a_branch():
+    import jax
+    import jax.numpy as jnp
+    xp = _benchmark("xla_products")
+    looped = jax.jit(lambda w, x, n: jax.lax.fori_loop(0, n, lambda _, h: jnp.tanh(h @ w), x))
+    text = looped.lower(jnp.ones((8, 8)), jnp.ones((4, 8)), 3).compile().as_text()
+    assert " dot(" in text
+    with pytest.raises(ValueError, match="loop body"):
+        xp.products(text)
+    branchy = jax.jit(lambda w, x, p: jax.lax.cond(p, lambda h: h @ w, jnp.tanh, x))
+    text = branchy.lower(jnp.ones((8, 8)), jnp.ones((8, 8)), True).compile().as_text()
+    assert "conditional(" in text
+    with pytest.raises(ValueError, match="conditional branch"):
+        xp.products(text)

@@ -1,0 +1,89 @@
+"""The matrix products of a compiled XLA program, and the time they take alone.
+
+`products(compiled.as_text())` lists every dot of a compiled module (inside fusions too)
+with its operand shapes, dtypes and dimension numbers; `products_alone` times each one
+as a jitted `lax.dot_general` of the same shapes and dimension numbers on row-major
+operands (median of `repeats`) and sums them, times their counts. For a train step that
+sum is a floor under what the step can take with XLA's own product kernels on this
+device: everything else it does comes on top. Used by `train_step.py` and
+`profile_step.py`; no flags, so either can import it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+_ARRAY = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_DOT = re.compile(r"\s*(?:ROOT )?%?[\w.\-]+ = \w+\[[\d,]*\]\S* "
+                  r"dot\(%?([\w.\-]+), %?([\w.\-]+)\)(.*)")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
+_DIMS = ("lhs_batch_dims", "rhs_batch_dims", "lhs_contracting_dims", "rhs_contracting_dims")
+
+
+def products(hlo: str) -> collections.Counter:
+    """The dots of a compiled module's text, counted by (lhs dtype, lhs shape, rhs dtype,
+    rhs shape, dimension numbers). Raises if one runs inside a loop or a conditional,
+    where its count per step would not be one."""
+    arrays, calls, dots, computation = {}, collections.defaultdict(set), [], None
+    loops = set()
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[0].lstrip("%")
+        calls[computation].update(_CALLED.findall(line))
+        loops.update(re.findall(r"(?:body|condition|true_computation|false_computation)="
+                                r"%?([\w.\-]+)", line))
+        for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            loops.update(b.strip().lstrip("%") for b in branches.split(","))
+        if m := _ARRAY.match(line):
+            arrays[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+        if m := _DOT.match(line):
+            dots.append((computation, m))
+    looped, todo = set(), list(loops)
+    while todo:  # every computation that a loop or a conditional reaches
+        name = todo.pop()
+        if name not in looped:
+            looped.add(name)
+            todo.extend(calls[name])
+    found = collections.Counter()
+    for computation, m in dots:
+        if computation in looped:
+            raise ValueError(f"a dot runs inside a loop body or a conditional branch "
+                             f"({computation}): its count per step is not one")
+        dims = tuple(tuple(int(d) for d in re.search(rf"{k}={{([\d,]*)}}", m.group(3))
+                           .group(1).split(",") if d) if k in m.group(3) else ()
+                     for k in _DIMS)
+        found[(*arrays[m.group(1)], *arrays[m.group(2)], dims)] += 1
+    return found
+
+
+def median_s(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def products_alone(found: collections.Counter, repeats: int) -> dict:
+    """Each product timed alone (median), times its count, summed; with its FLOPs."""
+    total_s = flops = 0.0
+    for (dtype, lhs_shape, _, rhs_shape, (lb, rb, lc, rc)), count in found.items():
+        key = jax.random.PRNGKey(0)  # both operands in the lhs's dtype (the step's own)
+        lhs = jax.random.normal(key, lhs_shape).astype(_DTYPES[dtype])
+        rhs = jax.random.normal(key, rhs_shape).astype(_DTYPES[dtype])
+        dot = jax.jit(lambda a, b, d=((lc, rc), (lb, rb)): jax.lax.dot_general(a, b, d))
+        total_s += count * median_s(dot, lhs, rhs, repeats=repeats)
+        out = jax.eval_shape(dot, lhs, rhs).shape
+        flops += count * 2 * math.prod(lhs_shape[d] for d in lc) * math.prod(out)
+    return {"products": sum(found.values()), "distinct_products": len(found),
+            "products_gflop": flops / 1e9, "products_alone_ms": 1e3 * total_s}
