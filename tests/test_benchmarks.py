@@ -27,6 +27,7 @@ def _train_step_report(tmp_path, phases):
         assert step["median_ms"] > 0 and step["flops_per_step"] > 0
         assert 0 < step["fraction_of_matmul_ceiling"]
         assert step["products"] > 0 and step["products_alone_ms"] > 0
+        assert step["optimizer_update_alone_ms"] > 0
         assert step["products_gflop"] <= step["flops_per_step"] / 1e9
         assert epoch["steps"] == 1 and epoch["ms_per_step"] > 0
     assert "pamfn" not in report  # only with --pamfn_dir
