@@ -1,11 +1,11 @@
 """The matrix products of a compiled XLA program, and the time they take alone.
 
 `products(compiled.as_text())` lists every dot of a compiled module (inside fusions too)
-with its operand shapes, dtypes and dimension numbers; `products_alone` times each one
-as a jitted `lax.dot_general` of the same shapes and dimension numbers on row-major
-operands (median of `repeats`) and sums them, times their counts. For a train step that
-sum is a floor under what the step can take with XLA's own product kernels on this
-device: everything else it does comes on top. Used by `train_step.py` and
+with its operand shapes, dtypes and dimension numbers; `products_alone` times all of them
+as one jitted program of `lax.dot_general`s with the same shapes and dimension numbers on
+row-major operands, and nothing else (median of `repeats`). For a train step that time
+is a floor under what the step can take with XLA's own product kernels on this device:
+everything else it does comes on top. Used by `train_step.py` and
 `profile_step.py`; no flags, so either can import it.
 """
 
@@ -75,15 +75,24 @@ def median_s(fn, *args, repeats: int) -> float:
 
 
 def products_alone(found: collections.Counter, repeats: int) -> dict:
-    """Each product timed alone (median), times its count, summed; with its FLOPs."""
-    total_s = flops = 0.0
+    """Every product of `found`, each as often as it is counted, on operands of its own
+    (so that none is computed once for two), as one jitted program of nothing else:
+    XLA runs them with the same kernels and threads as in the step, without the dispatch
+    of separate calls. Returns the program's median time and the products' FLOPs."""
+    operands, numbers, flops = [], [], 0
+    key = jax.random.PRNGKey(0)
     for (dtype, lhs_shape, _, rhs_shape, (lb, rb, lc, rc)), count in found.items():
-        key = jax.random.PRNGKey(0)  # both operands in the lhs's dtype (the step's own)
-        lhs = jax.random.normal(key, lhs_shape).astype(_DTYPES[dtype])
-        rhs = jax.random.normal(key, rhs_shape).astype(_DTYPES[dtype])
-        dot = jax.jit(lambda a, b, d=((lc, rc), (lb, rb)): jax.lax.dot_general(a, b, d))
-        total_s += count * median_s(dot, lhs, rhs, repeats=repeats)
-        out = jax.eval_shape(dot, lhs, rhs).shape
-        flops += count * 2 * math.prod(lhs_shape[d] for d in lc) * math.prod(out)
-    return {"products": sum(found.values()), "distinct_products": len(found),
-            "products_gflop": flops / 1e9, "products_alone_ms": 1e3 * total_s}
+        for _ in range(count):  # the step's operands share its dtype (the lhs's)
+            key, lhs_key, rhs_key = jax.random.split(key, 3)
+            lhs = jax.random.normal(lhs_key, lhs_shape, _DTYPES[dtype])
+            rhs = jax.random.normal(rhs_key, rhs_shape, _DTYPES[dtype])
+            operands.append((lhs, rhs))
+            numbers.append(((lc, rc), (lb, rb)))
+            out = jax.eval_shape(lambda a, b, n=numbers[-1]: jax.lax.dot_general(a, b, n),
+                                 lhs, rhs).shape
+            flops += 2 * math.prod(lhs_shape[d] for d in lc) * math.prod(out)
+    program = jax.jit(lambda pairs: [jax.lax.dot_general(a, b, n)
+                                     for (a, b), n in zip(pairs, numbers)])
+    return {"products": len(operands), "distinct_products": len(found),
+            "products_gflop": flops / 1e9,
+            "products_alone_ms": 1e3 * median_s(program, operands, repeats=repeats)}
