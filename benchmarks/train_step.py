@@ -12,9 +12,9 @@ optimizer and the TrainState exactly as training does (`config_lib.get_config`,
           median / mean / min ms after `--warmup` steps over `--steps`, samples/s,
           XLA's FLOP count of the compiled step, the achieved GFLOP/s and its fraction
           of the measured matmul ceiling (a jitted 2048 x 2048 float32 product on the
-          same device), and the step's matrix products timed alone and summed
-          (`xla_products.py`: the floor that XLA's product kernels set under this step)
-          and the optimizer update alone on the same parameters;
+          same device), the step's matrix products alone, as one program of nothing
+          else (`xla_products.py`: the floor that XLA's product kernels set under this
+          step), and the optimizer update alone on the same parameters;
   epoch   the real scanned epoch `train.train_epoch` (shuffle, window sampling and
           `--epoch_steps` steps in one `lax.scan`) on device-resident data: ms per step.
 
@@ -150,7 +150,8 @@ def bench_step(state, batch, ceiling: float) -> dict:
     gflops = flops / median / 1e9 if flops else None
     floor = xla_products.products_alone(xla_products.products(compiled.as_text()),
                                         _STEPS.value)
-    return {**floor, "optimizer_update_alone_ms": update_ms, "median_ms": 1e3 * median, "mean_ms": 1e3 * statistics.fmean(times),
+    return {**floor, "optimizer_update_alone_ms": update_ms,
+            "median_ms": 1e3 * median, "mean_ms": 1e3 * statistics.fmean(times),
             "min_ms": 1e3 * min(times), "samples_per_s": _BATCH.value / median,
             "flops_per_step": flops, "gflops_per_s": gflops,
             "fraction_of_matmul_ceiling": gflops / ceiling if gflops else None,

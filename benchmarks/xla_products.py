@@ -65,6 +65,7 @@ def products(hlo: str) -> collections.Counter:
 
 
 def median_s(fn, *args, repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn(*args), after one untimed call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
