@@ -9,9 +9,9 @@ executed XLA op to the `op_name` metadata of the compiled HLO (e.g.
 first `--depth` levels of the scope, largest first, plus the largest single ops.
 
 It also reports the floor that the step's matrix products set (`xla_products.py`: every
-dot of the compiled step timed alone, summed: `products_alone_ms`) beside the untraced
-step's own median (`step_ms`); whatever else the step does (normalisation, masks,
-activations, the optimizer) takes the difference (`rest_ms`).
+dot of the compiled step, run as one program of nothing else: `products_alone_ms`)
+beside the untraced step's own median (`step_ms`); whatever else the step does
+(normalisation, masks, activations, the optimizer) takes the difference (`rest_ms`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Scope levels to group by.")
 _TOP = flags.DEFINE_integer("top", 25, "Scopes and ops to report.")
 _LOGDIR = flags.DEFINE_string("logdir", "/tmp/surgfusion_profile", "Trace folder (replaced).")
-_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed runs of the step and of each product.")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed runs of the step and of its products alone.")
 
 _OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
 _SKIP = ("jvp(", "transpose(", "while", "body", "checkpoint", "jit(")

@@ -24,6 +24,10 @@ _ARRAY = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _DOT = re.compile(r"\s*(?:ROOT )?%?[\w.\-]+ = \w+\[[\d,]*\]\S* "
                   r"dot\(%?([\w.\-]+), %?([\w.\-]+)\)(.*)")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+# computations that run a number of times other than once: loop bodies and conditions,
+# conditional branches
+_REPEATED = re.compile(r"(?:body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
 _DIMS = ("lhs_batch_dims", "rhs_batch_dims", "lhs_contracting_dims", "rhs_contracting_dims")
 
@@ -38,9 +42,8 @@ def products(hlo: str) -> collections.Counter:
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
             computation = line.split()[0].lstrip("%")
         calls[computation].update(_CALLED.findall(line))
-        loops.update(re.findall(r"(?:body|condition|true_computation|false_computation)="
-                                r"%?([\w.\-]+)", line))
-        for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+        loops.update(_REPEATED.findall(line))
+        for branches in _BRANCHES.findall(line):
             loops.update(b.strip().lstrip("%") for b in branches.split(","))
         if m := _ARRAY.match(line):
             arrays[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
@@ -57,11 +60,18 @@ def products(hlo: str) -> collections.Counter:
         if computation in looped:
             raise ValueError(f"a dot runs inside a loop body or a conditional branch "
                              f"({computation}): its count per step is not one")
-        dims = tuple(tuple(int(d) for d in re.search(rf"{k}={{([\d,]*)}}", m.group(3))
-                           .group(1).split(",") if d) if k in m.group(3) else ()
-                     for k in _DIMS)
-        found[(*arrays[m.group(1)], *arrays[m.group(2)], dims)] += 1
+        found[(*arrays[m.group(1)], *arrays[m.group(2)], _dimension_numbers(m.group(3)))] += 1
     return found
+
+
+def _dimension_numbers(attributes: str) -> tuple[tuple[int, ...], ...]:
+    """(lhs batch, rhs batch, lhs contracting, rhs contracting) dims of a dot's attributes;
+    HLO leaves out the empty ones."""
+    numbers = []
+    for name in _DIMS:
+        m = re.search(rf"{name}={{([\d,]*)}}", attributes)
+        numbers.append(tuple(int(d) for d in m.group(1).split(",") if d) if m else ())
+    return tuple(numbers)
 
 
 def median_s(fn, *args, repeats: int) -> float:

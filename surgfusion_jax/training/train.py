@@ -424,11 +424,10 @@ def evaluate_stacked(states: TrainState, data: input_pipeline.DeviceData,
         for head, values in jax.device_get(out).items():
             values = np.asarray(values, np.float64)
             col = result.setdefault(head, np.full((values.shape[0], data.num_videos), np.nan))
-            if isinstance(b, input_pipeline.RunsEvalBatch):
-                for r, (idx, count) in enumerate(zip(b.idx, b.count)):
-                    col[r, idx[:count]] = values[r, :count]
-            else:
-                col[:, b.idx[:b.count]] = values[:, :b.count]
+            runs = values.shape[0]  # a shared batch's videos are every run's
+            idx = np.broadcast_to(b.idx, (runs, b.idx.shape[-1]))
+            for r, count in enumerate(np.broadcast_to(b.count, (runs,))):
+                col[r, idx[r, :count]] = values[r, :count]
     return result
 
 
